@@ -1,0 +1,40 @@
+"""The public API behind ``import robustsparse as rs``: load models and data, train, evaluate."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .runs.checkpoint import find_checkpoint, load_checkpoint
+
+
+def load(path: str, which: str = "best", device: str | torch.device = "cpu") -> nn.Module:
+    """Load a trained model: ``path`` is a run folder (``which`` = "best" or "last"), a checkpoint ``.json`` or
+    its ``.safetensors``. Returns an ``nn.Module`` in eval mode mapping [0, 1] NCHW images to logits.
+
+    "best" is the checkpoint with the highest validation robust accuracy (PGD-k on the held-out val split, never
+    the test split); a run without validation data has only "last", which is then returned.
+    """
+    if which not in ("best", "last"):
+        raise UserError(f"which must be 'best' or 'last', got {which!r}")
+    if not os.path.exists(path):
+        raise UserError(f"{path} does not exist (expected a run folder or a checkpoint file)")
+    from .train.trainer import build_from_spec
+
+    tensors, meta = load_checkpoint(find_checkpoint(path, prefer=which))
+    model = build_from_spec(meta["model_spec"])
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UserError(f"checkpoint {path} does not fit architecture {meta['model_spec']['name']!r}: "
+                        f"{str(exc).splitlines()[0]}") from exc
+    return model.to(device).eval()
+
+
+def load_meta(path: str, which: str = "best") -> dict:
+    """The JSON metadata of a run's or checkpoint's weights (config, model spec, epoch, best metric)."""
+    from .runs.checkpoint import read_meta
+    return read_meta(find_checkpoint(path, prefer=which))

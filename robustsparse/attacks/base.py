@@ -1,0 +1,100 @@
+"""One attack base class and the context every attack runs under.
+
+Contract (torchattacks style): ``attack(x, y) -> x_adv`` with ``x`` float images in [0, 1] of shape (N, C, H, W),
+``y`` int64 labels (N,); ``x_adv`` has the same shape, lies in [0, 1] and within the threat model's ball around ``x``.
+The model is put in eval mode with parameter gradients off for the whole attack and restored afterwards, so an attack
+never updates BN statistics and never accumulates parameter gradients (peers.md §6.4: attacks generated in train mode
+are a classic source of wrong numbers).
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+NORMS = ("Linf", "L2")
+
+
+@contextmanager
+def attack_mode(model: nn.Module):
+    """Eval mode and ``requires_grad=False`` on every parameter; both restored on exit, even on error."""
+    was_training = model.training
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    model.eval()
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+        model.train(was_training)
+
+
+def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """Project a perturbation onto the ε-ball of the given norm (per sample)."""
+    if norm == "Linf":
+        return delta.clamp(-eps, eps)
+    flat = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+    factor = (eps / flat).clamp(max=1.0)
+    return delta * factor.view(-1, *([1] * (delta.dim() - 1)))
+
+
+def random_start(x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    """A uniform random point of the ε-ball (L∞: per-pixel uniform; L2: uniform direction and radius), in [0, 1]."""
+    if norm == "Linf":
+        delta = torch.empty_like(x).uniform_(-eps, eps)
+    else:
+        direction = torch.randn_like(x)
+        direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
+        radius = torch.rand(x.shape[0], device=x.device, dtype=x.dtype).pow(1.0 / x[0].numel()) * eps
+        delta = direction * radius.view(-1, *([1] * (x.dim() - 1)))
+    return (x + delta).clamp(0.0, 1.0)
+
+
+def steepest_step(x_adv: torch.Tensor, grad: torch.Tensor, alpha: float, norm: str) -> torch.Tensor:
+    """One ascent step of size α in the norm's steepest direction (sign for L∞, normalised gradient for L2)."""
+    if norm == "Linf":
+        return x_adv + alpha * grad.sign()
+    g_norm = grad.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (grad.dim() - 1)))
+    return x_adv + alpha * grad / g_norm
+
+
+class Attack:
+    """Base class: owns the model, the threat model (norm, ε) and the eval/no-grad context.
+
+    Subclasses implement :meth:`perturb` and :meth:`describe`; callers use ``attack(x, y)``.
+    """
+
+    name = "attack"
+
+    def __init__(self, model: nn.Module, eps: float, norm: str = "Linf"):
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        if not eps >= 0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        self.model = model
+        self.eps = float(eps)
+        self.norm = norm
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with attack_mode(self.model):
+            x_adv = self.perturb(x.detach(), y.detach())
+        return x_adv.detach()
+
+    def perturb(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """Attack name with its full budget, printed next to every accuracy it produces."""
+        return f"{self.name} {self.norm} eps={self.eps:.4g}"
+
+    def input_grad(self, x_adv: torch.Tensor, loss_fn) -> torch.Tensor:
+        """Gradient of ``loss_fn(model(x_adv))`` w.r.t. the input only (parameters are frozen by attack_mode)."""
+        x_adv = x_adv.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = loss_fn(self.model(x_adv))
+            (grad,) = torch.autograd.grad(loss, x_adv)
+        return grad

@@ -1,0 +1,174 @@
+"""Command line: a thin layer over the public API. Every user error is one line on stderr and exit status 2.
+
+    robustsparse demo [--out DIR]                      train + evaluate + report on the embedded digits data
+    robustsparse train CONFIG [k=v ...] --out DIR [--resume]
+    robustsparse eval RUN_OR_CKPT [--suite clean,pgd-20,autoattack] [--eps E] [--json]
+    robustsparse configs                               list the configs shipped with the library
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+from .errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="robustsparse", description=__doc__.split("\n")[0])
+    p.add_argument("--version", action="version", version=_version())
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="train dense PGD-AT on digits, evaluate it (PGD-20, AutoAttack), report")
+    demo.add_argument("--out", default=None, help="run folder (default: a new runs/demo[-N])")
+    demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=5")
+
+    train = sub.add_parser("train", help="train a model from a YAML config (a path or a shipped config name)")
+    train.add_argument("config", nargs="?", help="YAML file or shipped config name (optional with --resume)")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=5")
+    train.add_argument("--out", required=True, help="run folder; must not exist yet unless --resume")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    ev = sub.add_parser("eval", help="evaluate a run folder or checkpoint with the one evaluator")
+    ev.add_argument("path", help="run folder, checkpoint .json or .safetensors")
+    ev.add_argument("--suite", default=None, help="comma-separated attacks (default: the run's eval.suite)")
+    ev.add_argument("--eps", type=float, default=None, help="perturbation budget (default: the run's eval/attack eps)")
+    ev.add_argument("--norm", choices=("Linf", "L2"), default=None, help="threat model (default: the run's)")
+    ev.add_argument("--split", default=None, help="dataset split (default: the run's eval.split, normally test)")
+    ev.add_argument("--n", type=int, default=None, help="evaluate only the first N images of the split")
+    ev.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint of a run folder")
+    ev.add_argument("--data-root", default=None, help="folder of on-disk data (default: the run's data.root)")
+    ev.add_argument("--batch-size", type=int, default=None)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--state", default=None, help="resumable evaluation state file (JSON)")
+    ev.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    sub.add_parser("configs", help="list the configs shipped with the library")
+    return p
+
+
+def _version() -> str:
+    from . import __version__
+    return f"robustsparse {__version__}"
+
+
+def cmd_train(args) -> int:
+    from .config import load_config
+    from .train import train
+
+    cfg = None
+    if args.config is not None or not args.resume:
+        if args.config is None:
+            raise UserError("train needs a CONFIG (a YAML path or a shipped name; see `robustsparse configs`)")
+        cfg = load_config(args.config, args.overrides)
+    elif args.overrides:
+        raise UserError("--resume continues the run with its own config; overrides are not accepted")
+    result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    best = "n/a (no validation split)" if result.best_val_robust is None else f"{result.best_val_robust:.2%}"
+    print(f"finished: {result.run_dir} (best validation score {best}); "
+          f"evaluate with: robustsparse eval {result.run_dir}")
+    return 0
+
+
+def run_eval(path, suite=None, eps=None, norm=None, split=None, n=None, which="best", data_root=None,
+             batch_size=None, seed=0, state=None, progress=True):
+    """Evaluate a run/checkpoint on its own dataset with the run's threat model unless overridden."""
+    import robustsparse as rs
+    from .config import config_from_dict
+    from .train.trainer import load_split
+
+    meta = rs.load_meta(path, which)
+    cfg = config_from_dict(meta["config"])
+    if data_root is not None:
+        cfg.data.root = data_root
+    model = rs.load(path, which=which, device=_eval_device())
+    x, y = load_split(cfg, split or cfg.eval.split)
+    if n is not None:
+        if n < 1:
+            raise UserError(f"--n must be >= 1, got {n}")
+        x, y = x[:n], y[:n]
+    return rs.evaluate(model, x, y, suite=suite or cfg.eval.suite, eps=eps or cfg.eval.eps or cfg.attack.eps,
+                       norm=norm or cfg.attack.norm, num_classes=meta["model_spec"]["num_classes"],
+                       batch_size=batch_size or cfg.eval.batch_size, seed=seed, state_path=state,
+                       progress=progress), cfg
+
+
+def _eval_device():
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cmd_eval(args) -> int:
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    result, _ = run_eval(args.path, args.suite, args.eps, args.norm, args.split, args.n, args.which,
+                         args.data_root, args.batch_size, args.seed, args.state, progress=not args.no_progress)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=1))
+    else:
+        print(f"{args.path}: {result.n} images")
+        print(result.table())
+        for w in result.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+    return 0
+
+
+def _new_demo_dir() -> str:
+    base, i = os.path.join("runs", "demo"), 1
+    out = base
+    while os.path.exists(out):
+        i += 1
+        out = f"{base}-{i}"
+    return out
+
+
+def cmd_demo(args) -> int:
+    from .config import load_config
+    from .report import write_report
+    from .runs.logger import read_metrics
+    from .train import train
+
+    out = args.out or _new_demo_dir()
+    cfg = load_config("digits_pgdat", args.overrides)
+    print(f"demo: dense PGD-AT on digits (eps={cfg.attack.eps}), run folder {out}", file=sys.stderr)
+    started = time.perf_counter()
+    train(cfg, out)
+    trained = time.perf_counter() - started
+    result, _ = run_eval(out, state=os.path.join(out, "eval-state.json"))
+    with open(os.path.join(out, "eval.json"), "w") as fh:
+        json.dump(result.to_dict(), fh, indent=1)
+    total = time.perf_counter() - started
+    timing = f"Wall time: training {trained:.0f} s, evaluation {total - trained:.0f} s (this machine)."
+    report = write_report(out, "robustsparse demo: dense PGD-AT on digits", cfg.to_dict(), result,
+                          read_metrics(out), extra=timing)
+    print(result.table())
+    print(f"\nreport: {report}\ncurves: {os.path.join(out, 'curves.png')}\n{timing}")
+    return 0
+
+
+def cmd_configs(args) -> int:
+    from .config import shipped_configs
+    for name in shipped_configs():
+        print(name)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    handler = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "configs": cmd_configs}[args.command]
+    try:
+        return handler(args)
+    except UserError as exc:
+        print(f"robustsparse: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("robustsparse: interrupted; a training run continues with --resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
