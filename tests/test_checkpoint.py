@@ -294,8 +294,9 @@ def test_find_checkpoint_errors(tmp_path, run_copy):
         find_checkpoint(str(tmp_path / "nowhere"))
     with pytest.raises(UserError, match="is not a run folder"):
         find_checkpoint(os.path.join(run_copy, "config.yaml"))
+    (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="holds no checkpoint"):
-        find_checkpoint(str(tmp_path / "empty") if os.makedirs(tmp_path / "empty") is None else "")
+        find_checkpoint(str(tmp_path / "empty"))
     stray = tmp_path / "stray.safetensors"
     stray.write_bytes(b"")
     with pytest.raises(UserError, match="refers to it"):
