@@ -61,6 +61,9 @@ def cmd_train(args) -> int:
     from .train import train
 
     cfg = None
+    if args.config is not None and "=" in args.config and not os.path.exists(args.config):
+        args.overrides.insert(0, args.config)  # `train k=v --resume`: the first override landed in CONFIG
+        args.config = None
     if args.config is not None or not args.resume:
         if args.config is None:
             raise UserError("train needs a CONFIG (a YAML path or a shipped name; see `robustsparse configs`)")
@@ -86,12 +89,14 @@ def run_eval(path, suite=None, eps=None, norm=None, split=None, n=None, which="b
     if data_root is not None:
         cfg.data.root = data_root
     model = rs.load(path, which=which, device=_eval_device())
-    x, y = load_split(cfg, split or cfg.eval.split)
+    x, y = load_split(cfg, cfg.eval.split if split is None else split)
     if n is not None:
         if n < 1:
             raise UserError(f"--n must be >= 1, got {n}")
         x, y = x[:n], y[:n]
-    return rs.evaluate(model, x, y, suite=suite or cfg.eval.suite, eps=eps or cfg.eval.eps or cfg.attack.eps,
+    if eps is None:
+        eps = cfg.eval.eps if cfg.eval.eps is not None else cfg.attack.eps
+    return rs.evaluate(model, x, y, suite=cfg.eval.suite if suite is None else suite, eps=eps,
                        norm=norm or cfg.attack.norm, num_classes=meta["model_spec"]["num_classes"],
                        batch_size=batch_size or cfg.eval.batch_size, seed=seed, state_path=state,
                        progress=progress), cfg

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -131,12 +132,18 @@ class RunConfig:
         return self
 
 
+# PyYAML raises these beside YAMLError for malformed explicit tags (e.g. "!!int x", "!!timestamp x")
+_YAML_ERRORS = (yaml.YAMLError, ValueError, KeyError, AttributeError, IndexError, TypeError, OverflowError)
+
+
 def _choice(key, value, allowed):
     if value not in allowed:
         raise UserError(f"{key} must be one of {', '.join(allowed)}; got {value!r}")
 
 
 def _range(key, value, lo=None, hi=None, lo_open=False, hi_open=False):
+    if isinstance(value, float) and not math.isfinite(value):
+        raise UserError(f"{key} must be a finite number; got {value!r}")
     bad = (lo is not None and (value < lo or (lo_open and value == lo))) or \
           (hi is not None and (value > hi or (hi_open and value == hi)))
     if bad:
@@ -200,7 +207,7 @@ def parse_overrides(overrides: list[str]) -> dict:
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
+        except _YAML_ERRORS as exc:
             raise UserError(f"override {item!r}: the value is not valid YAML ({exc.__class__.__name__})") from exc
         parts = key.strip().split(".")
         if not all(parts):
@@ -244,7 +251,9 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         try:
             with open(real) as fh:
                 data = yaml.safe_load(fh) or {}
-        except yaml.YAMLError as exc:
+        except UnicodeDecodeError as exc:
+            raise UserError(f"config {path} is not a text (UTF-8) file") from exc
+        except _YAML_ERRORS as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             raise UserError(f"config {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc

@@ -58,8 +58,8 @@ def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def _bits(t: torch.Tensor) -> bytes:
-    return t.detach().contiguous().view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool \
-        else t.numpy().tobytes()
+    t = t.detach().contiguous().reshape(-1)
+    return t.numpy().tobytes() if t.dtype == torch.bool else t.view(torch.uint8).numpy().tobytes()
 
 
 def _assert_bitwise_equal(got: dict, want: dict) -> None:
@@ -102,7 +102,7 @@ def test_round_trip_bitwise_and_metadata(tmp_path):
     assert {"library_version", "sha256", "weights", "label", "format"} <= set(on_disk)
     assert read_meta(handle) == meta
     # nothing temporary is left behind
-    assert sorted(os.listdir(tmp_path / "ck")) == ["last.json", meta["weights"]]
+    assert sorted(os.listdir(tmp_path / "ck")) == sorted(["last.json", meta["weights"]])
 
 
 def test_saved_tensors_do_not_alias_inputs(tmp_path):
@@ -217,8 +217,6 @@ def test_weights_of_another_checkpoint_refused(tmp_path):
         load_checkpoint(a)
 
 
-@pytest.mark.xfail(reason="BUG: load_checkpoint indexes meta['weights'] / meta['sha256'] without checking them; "
-                          "a handle with the right format but no 'weights' key raises KeyError", strict=True)
 def test_handle_without_weights_key_is_user_error(saved):
     handle, _ = saved
     meta = json.load(open(handle))
@@ -303,8 +301,6 @@ def test_find_checkpoint_errors(tmp_path, run_copy):
         find_checkpoint(str(stray))
 
 
-@pytest.mark.xfail(reason="BUG: checkpoint._weights_name catches only OSError/ValueError; a sibling .json that is "
-                          "valid JSON but not an object (e.g. a list) raises AttributeError from .get", strict=True)
 def test_find_checkpoint_safetensors_beside_unrelated_json(tmp_path):
     folder = str(tmp_path)
     handle = save_checkpoint(folder, "last", _tensors(0), {})

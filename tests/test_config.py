@@ -275,8 +275,6 @@ def test_l2_eps_may_exceed_one():
     assert "attack.eps" in _error("digits_pgdat", ["attack.norm=L2", "attack.eps=0"])
 
 
-@pytest.mark.xfail(reason="BUG: config._range lets NaN through (every comparison with NaN is False), so "
-                          "attack.eps=.nan / train.lr=.nan pass validation", strict=True)
 @pytest.mark.parametrize("override", ["attack.eps=.nan", "train.lr=.nan"])
 def test_nan_is_refused(override):
     cfg = None
@@ -379,8 +377,6 @@ def test_unreadable_config_file(tmp_path):
         os.chmod(path, 0o600)
 
 
-@pytest.mark.xfail(reason="BUG: load_config catches only YAMLError/OSError; a non-UTF-8 file raises "
-                          "UnicodeDecodeError (a traceback in the CLI)", strict=True)
 def test_binary_config_file_is_user_error(tmp_path):
     p = tmp_path / "weights.yaml"
     p.write_bytes(bytes(range(256)))
@@ -388,9 +384,6 @@ def test_binary_config_file_is_user_error(tmp_path):
         load_config(str(p))
 
 
-@pytest.mark.xfail(reason="BUG: parse_overrides/load_config catch only yaml.YAMLError, but PyYAML's safe "
-                          "constructors raise ValueError/KeyError/AttributeError/IndexError for bad explicit tags",
-                   strict=True)
 @pytest.mark.parametrize("value", ["!!int abc", "!!float x", "!!bool maybe", "!!timestamp x", "!!int"])
 def test_bad_explicit_yaml_tag_is_user_error(value, tmp_path):
     with pytest.raises(UserError):

@@ -74,9 +74,10 @@ def save_checkpoint(folder: str, label: str, tensors: dict[str, torch.Tensor], m
 def _weights_name(handle: str) -> str | None:
     try:
         with open(handle) as fh:
-            return json.load(fh).get("weights")
+            meta = json.load(fh)
     except (OSError, ValueError):
         return None
+    return meta.get("weights") if isinstance(meta, dict) else None
 
 
 def read_meta(handle: str) -> dict:
@@ -89,6 +90,9 @@ def read_meta(handle: str) -> dict:
         raise UserError(f"checkpoint {handle} is not a readable JSON checkpoint handle ({exc})") from exc
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{handle} is not a robustsparse checkpoint (expected format {FORMAT})")
+    for key in ("weights", "sha256"):
+        if not isinstance(meta.get(key), str) or "/" in meta[key] or "\\" in meta[key]:
+            raise UserError(f"checkpoint {handle} lacks a valid {key!r} entry; it is damaged")
     return meta
 
 

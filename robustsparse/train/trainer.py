@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -109,6 +110,16 @@ def _load_optimizer(optimizer, tensors: dict, param_groups: list) -> None:
             _, idx, name = key.split(".", 2)
             state.setdefault(int(idx), {})[name] = value
     optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def _summary(row: dict, epochs: int) -> str:
+    parts = [f"epoch {row['epoch'] + 1}/{epochs}", f"loss {row['train_loss']:.4f}"]
+    if "train_adv_acc" in row:
+        parts.append(f"train adv acc {row['train_adv_acc']:.2%}")
+    if "val_clean_acc" in row:
+        parts.append(f"val clean {row['val_clean_acc']:.2%}, val robust {row['val_robust_acc']:.2%} "
+                     f"({row['val_attack']})")
+    return " | ".join(parts + [f"{row['seconds']:.1f}s"])
 
 
 def train(cfg: RunConfig | None, out: str, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -213,6 +224,8 @@ def train(cfg: RunConfig | None, out: str, resume: bool = False, progress: bool 
                         "metric": "val_clean_acc" if t.method == "standard" else "val_robust_acc"}
                 is_best = True
         log.append(row, row["step"])
+        if progress:
+            print(_summary(row, t.epochs), file=sys.stderr, flush=True)
         if is_best:
             checkpoint("best", epoch + 1, 0, None)
         checkpoint("last", epoch + 1, 0, None)
