@@ -14,6 +14,7 @@ def load(path: str, which: str = "best", device: str | torch.device = "cpu") -> 
     """Load a trained model: ``path`` is a run folder (``which`` = "best" or "last"), a checkpoint ``.json`` or
     its ``.safetensors``. Returns an ``nn.Module`` in eval mode mapping [0, 1] NCHW images to logits.
 
+    A sparse model (a ticket, or a run trained from one) comes back with its mask applied.
     "best" is the checkpoint with the highest validation robust accuracy (PGD-k on the held-out val split, never
     the test split); a run without validation data has only "last", which is then returned.
     """
@@ -25,12 +26,9 @@ def load(path: str, which: str = "best", device: str | torch.device = "cpu") -> 
 
     tensors, meta = load_checkpoint(find_checkpoint(path, prefer=which))
     model = build_from_spec(meta["model_spec"])
-    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise UserError(f"checkpoint {path} does not fit architecture {meta['model_spec']['name']!r}: "
-                        f"{str(exc).splitlines()[0]}") from exc
+    from .prune.ticket import load_model_state
+    load_model_state(model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
+                     source=f"checkpoint {path} ({meta['model_spec']['name']})")
     return model.to(device).eval()
 
 

@@ -3,6 +3,8 @@
     robustsparse demo [--out DIR]                      train + evaluate + report on the embedded digits data
     robustsparse train CONFIG [k=v ...] --out DIR [--resume]
     robustsparse eval RUN_OR_CKPT [--suite clean,pgd-20,autoattack] [--eps E] [--json]
+    robustsparse prune CONFIG [k=v ...] --method M --density D --out DIR
+    robustsparse compare CONFIG [k=v ...] --methods ... --densities ... --out DIR
     robustsparse configs                               list the configs shipped with the library
 """
 from __future__ import annotations
@@ -30,7 +32,24 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=5")
     train.add_argument("--out", required=True, help="run folder; must not exist yet unless --resume")
     train.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    train.add_argument("--ticket", default=None, help="start from a `robustsparse prune` output (mask + weights)")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    prune = sub.add_parser("prune", help="find a sparse ticket at initialisation (mask + initial weights)")
+    prune.add_argument("config", help="YAML file or shipped config name")
+    prune.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. prune.search_iters=50")
+    prune.add_argument("--method", default=None, help="random, magnitude, snip, grasp, synflow, ntt or awt")
+    prune.add_argument("--density", type=float, default=None, help="kept fraction of conv/linear weights")
+    prune.add_argument("--out", required=True, help="ticket folder; must not exist yet")
+
+    cmp_ = sub.add_parser("compare", help="grid: dense + methods x densities, trained alike, one table and plot")
+    cmp_.add_argument("config", help="YAML file or shipped config name")
+    cmp_.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    cmp_.add_argument("--methods", default="random,magnitude,snip,grasp,synflow,ntt,awt")
+    cmp_.add_argument("--densities", default="0.1,0.05")
+    cmp_.add_argument("--suite", default=None, help="evaluation suite (default: the config's eval.suite)")
+    cmp_.add_argument("--out", required=True, help="grid folder; an interrupted grid continues when re-run")
+    cmp_.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     ev = sub.add_parser("eval", help="evaluate a run folder or checkpoint with the one evaluator")
     ev.add_argument("path", help="run folder, checkpoint .json or .safetensors")
@@ -67,8 +86,8 @@ def cmd_train(args) -> int:
     if args.config is not None or not args.resume:
         if args.config is None:
             raise UserError("train needs a CONFIG (a YAML path or a shipped name; see `robustsparse configs`)")
-        cfg = load_config(args.config, args.overrides)
-    elif args.overrides:
+        cfg = load_config(args.config, args.overrides + ([f"train.ticket={args.ticket}"] if args.ticket else []))
+    elif args.overrides or args.ticket:
         raise UserError("--resume continues the run with its own config; overrides are not accepted")
     result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     best = "n/a (no validation split)" if result.best_val_robust is None else f"{result.best_val_robust:.2%}"
@@ -155,6 +174,39 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def _with_flags(overrides, **flags):
+    return list(overrides) + [f"{k}={v}" for k, v in flags.items() if v is not None]
+
+
+def cmd_prune(args) -> int:
+    from .config import load_config
+    from .prune.ticket import prune_to_folder
+
+    cfg = load_config(args.config, _with_flags(args.overrides, **{"prune.method": args.method,
+                                                                   "prune.density": args.density}))
+    ticket = prune_to_folder(cfg, args.out)
+    print(f"ticket: {args.out} ({cfg.prune.method}, density {ticket.mask.density():.4f}, "
+          f"{ticket.info['seconds']:.1f} s); train it with: robustsparse train {args.config} --ticket {args.out} "
+          f"--out RUN")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import run_compare
+    from .config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    try:
+        densities = [float(d) for d in args.densities.split(",") if d.strip()]
+    except ValueError as exc:
+        raise UserError(f"--densities must be comma-separated numbers, got {args.densities!r}") from exc
+    run_compare(cfg, methods, densities, args.out, suite=args.suite, progress=not args.no_progress)
+    with open(os.path.join(args.out, "results.md")) as fh:
+        print(fh.read())
+    return 0
+
+
 def cmd_configs(args) -> int:
     from .config import shipped_configs
     for name in shipped_configs():
@@ -163,8 +215,15 @@ def cmd_configs(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    handler = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "configs": cmd_configs}[args.command]
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may also come after options (`train CONFIG --out DIR k=v`): argparse leaves those over
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = list(args.overrides or []) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    handler = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "configs": cmd_configs,
+               "prune": cmd_prune, "compare": cmd_compare}[args.command]
     try:
         return handler(args)
     except UserError as exc:

@@ -62,8 +62,33 @@ class TrainConfig:
     val_every: int = 1  # validate every N epochs (and always after the last)
     val_attack_steps: int = 10  # PGD-k on the validation split selects the best checkpoint
     checkpoint_every_steps: int = 0  # also save 'last' every N optimizer steps (0: at epoch ends only)
+    ticket: typing.Optional[str] = None  # a `robustsparse prune` output folder: start from its mask and weights
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+
+@dataclass
+class PruneConfig:
+    """Finding a sparse ticket at initialisation (``robustsparse prune``); see robustsparse/prune/."""
+    method: str = "magnitude"  # random | magnitude | snip | grasp | synflow | ntt | awt
+    density: float = 0.1  # kept fraction of prunable weights (conv/linear weights)
+    scope: typing.Optional[str] = None  # global | layer; None: the method's default (layer for ntt/awt, else global)
+    min_layer_density: float = 0.01  # layer-collapse guard; every layer also always keeps >= 1 weight
+    samples: typing.Optional[int] = None  # data-driven scores (snip, grasp): images used; None: 10 x classes
+    synflow_rounds: int = 100
+    seed: int = 0
+    # NTT / AWT search (method-notes §4(b).2-3)
+    search_iters: int = 60  # optimisation steps (sized to cost <= ~10% of the PGD-AT that follows on digits)
+    search_batch: int = 32  # images per step, split in two halves for the NTK pair (x1, x2)
+    search_lr: float = 5e-4  # Adam
+    ntk_weight: float = 1e-3  # lambda_ker
+    output_weight: float = 1.0
+    l2_weight: float = 1e-5  # lambda_L2 (divided by density, as in NTT)
+    mask_update_every: int = 20  # magnitude mask update period (iterations; NTT: 100 of many more)
+    points: str = "adversarial"  # awt: adversarial | clean | both (ntt is always clean)
+    attack_target: str = "dense"  # awt: PGD against the dense init ("dense") or the current sparse student
+    mode: str = "weights"  # awt: weights (NTT-faithful, weights move) | mask_only (scores + top-k + STE at theta_0)
+    ntk_mode: str = "projected"  # full [n1, n2, K, K] | trace [n1, n2] | projected (random output projection)
 
 
 @dataclass
@@ -81,6 +106,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
@@ -127,6 +153,25 @@ class RunConfig:
             raise UserError("model.mean and model.std must be given together (or neither)")
         if t.device != "auto" and not (t.device == "cpu" or t.device.startswith("cuda")):
             raise UserError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+        p = self.prune
+        _choice("prune.method", p.method, ("random", "magnitude", "snip", "grasp", "synflow", "ntt", "awt"))
+        _range("prune.density", p.density, lo=0.0, lo_open=True, hi=1.0)
+        if p.scope is not None:
+            _choice("prune.scope", p.scope, ("global", "layer"))
+        _range("prune.min_layer_density", p.min_layer_density, lo=0.0, hi=p.density)
+        if p.samples is not None:
+            _range("prune.samples", p.samples, lo=1)
+        _range("prune.synflow_rounds", p.synflow_rounds, lo=1)
+        _range("prune.search_iters", p.search_iters, lo=0)
+        _range("prune.search_batch", p.search_batch, lo=2)
+        _range("prune.search_lr", p.search_lr, lo=0.0)
+        for key in ("ntk_weight", "output_weight", "l2_weight"):
+            _range(f"prune.{key}", getattr(p, key), lo=0.0)
+        _range("prune.mask_update_every", p.mask_update_every, lo=1)
+        _choice("prune.points", p.points, ("adversarial", "clean", "both"))
+        _choice("prune.attack_target", p.attack_target, ("dense", "student"))
+        _choice("prune.mode", p.mode, ("weights", "mask_only"))
+        _choice("prune.ntk_mode", p.ntk_mode, ("full", "trace", "projected"))
         from .eval.evaluator import parse_suite
         parse_suite(e.suite)
         return self

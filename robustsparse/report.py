@@ -58,3 +58,26 @@ def write_report(run_dir: str, title: str, config: dict, result, rows: list[dict
     with open(path, "w") as fh:
         fh.write("\n".join(lines))
     return path
+
+
+def plot_density_robustness(rows: list[dict], path: str) -> str:
+    """Robust accuracy (the strongest attack in the suite) against density, one line per method, dense as a rule."""
+    items = [i for i in rows[0]["accuracy"] if i != "clean"]
+    key = "autoattack" if "autoattack" in items else items[-1]
+    label = rows[0]["attacks"][key]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
+        pts = sorted((r["density"], r["accuracy"][key]) for r in rows if r["method"] == method)
+        ax.plot(*zip(*pts), marker="o", label=method)
+    for r in rows:
+        if r["method"] == "dense":
+            ax.axhline(r["accuracy"][key], color="black", linestyle="--", label="dense")
+    ax.set_xscale("log")
+    ax.set_xlabel("density (kept fraction of conv/linear weights)")
+    ax.set_ylabel("robust accuracy")
+    ax.set_title(label, fontsize=7)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

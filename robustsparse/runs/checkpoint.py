@@ -118,7 +118,7 @@ def find_checkpoint(path: str, prefer: str = "best") -> str:
         raise UserError(f"{path} does not exist (expected a run folder, a checkpoint .json or a .safetensors file)")
     if os.path.isdir(path):
         for folder in (os.path.join(path, "checkpoints"), path):
-            for label in (prefer, "best", "last"):
+            for label in (prefer, "best", "last", "ticket"):
                 handle = os.path.join(folder, f"{label}.json")
                 if os.path.exists(handle):
                     return handle

@@ -24,7 +24,9 @@ from ..errors import UserError
 from ..eval import evaluate
 from ..models import build_model
 from ..progress import progress_bar
+from ..prune.ticket import load_model_state
 from ..runs.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from ..sparse import enforce_mask
 from ..runs.logger import MetricsLog, write_status
 from .objectives import build_objective
 from .schedule import lr_at
@@ -122,6 +124,17 @@ def _summary(row: dict, epochs: int) -> str:
     return " | ".join(parts + [f"{row['seconds']:.1f}s"])
 
 
+def _start_from_ticket(model, path: str, spec: dict) -> bool:
+    """Load a ticket's mask and initial weights into ``model``; refuse a ticket for another architecture."""
+    from ..prune.ticket import load_ticket
+    state, meta = load_ticket(path)
+    if meta["model_spec"] != spec:
+        raise UserError(f"ticket {path} was found for {meta['model_spec']}, but this run builds {spec}; "
+                        "use the same data and model settings as the prune run")
+    load_model_state(model, {k: v.to(next(model.parameters()).device) for k, v in state.items()})
+    return True
+
+
 def train(cfg: RunConfig | None, out: str, resume: bool = False, progress: bool = True) -> TrainResult:
     """Train one dense model as ``cfg`` says and write the run folder ``out`` (see docs/architecture.md)."""
     cfg = run_config(out, cfg, resume)
@@ -134,6 +147,9 @@ def train(cfg: RunConfig | None, out: str, resume: bool = False, progress: bool 
     model = build_from_spec(spec).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=t.nesterov,
                                 weight_decay=t.weight_decay)
+    masked = False
+    if t.ticket is not None:
+        masked = _start_from_ticket(model, t.ticket, spec)
     objective = build_objective(model, cfg)
     if not resume:  # only now: data and model are known to load, so a bad config leaves no folder behind
         create_run_dir(out, cfg)
@@ -148,7 +164,7 @@ def train(cfg: RunConfig | None, out: str, resume: bool = False, progress: bool 
     ckpt_dir = os.path.join(out, "checkpoints")
     if resume and os.path.exists(os.path.join(ckpt_dir, "last.json")):
         tensors, meta = load_checkpoint(find_checkpoint(ckpt_dir, prefer="last"))
-        model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        load_model_state(model, {k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("model.")})
         _load_optimizer(optimizer, {k: v.to(device) for k, v in tensors.items()}, meta["optimizer_param_groups"])
         start_epoch, start_step, best, sums = meta["epoch"], meta["step"], meta["best"], meta["epoch_sums"]
     log = MetricsLog(out, resume_epoch=start_epoch if resume else None,
@@ -192,6 +208,8 @@ def train(cfg: RunConfig | None, out: str, resume: bool = False, progress: bool 
                 optimizer.zero_grad(set_to_none=True)
                 out_step.loss.backward()
                 optimizer.step()
+                if masked:
+                    enforce_mask(model)
                 acc[0] += out_step.loss.detach() * len(yb)
                 acc[1] += len(yb)
                 if out_step.correct_clean is not None:

@@ -1,0 +1,184 @@
+"""The comparison grid: dense PGD-AT and every at-init method × density, each ticket trained the same way and
+evaluated by the one evaluator, in one table and one density–robustness plot.
+
+    <out>/dense/                      dense run (train + eval.json)
+    <out>/<method>-d<density>/ticket/ the ticket (robustsparse prune output)
+    <out>/<method>-d<density>/run/    its training run and eval.json
+    <out>/results.json, results.md, density_robustness.png
+
+Each cell is skipped when its eval.json exists and resumed when its run was interrupted, so a killed grid is
+continued by running the same command again. The NTK distance column is ‖Θ_ticket − Θ_dense‖_F / ‖Θ_dense‖_F at
+initialisation on a fixed probe set of PGD points of the dense θ₀ (the quantity AWT minimises).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+import time
+
+import torch
+import yaml
+
+from .config import RunConfig
+from .errors import UserError
+
+PROBE_POINTS = 16
+
+
+def _cell_name(method: str, density: float) -> str:
+    return f"{method}-d{density:g}"
+
+
+def _eval_run(run_dir: str, suite: str):
+    from .cli import run_eval
+    path = os.path.join(run_dir, "eval.json")
+    if os.path.exists(path):
+        with open(path) as fh:
+            return json.load(fh)
+    result, _ = run_eval(run_dir, suite=suite, state=os.path.join(run_dir, "eval-state.json"))
+    data = result.to_dict()
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=1)
+    return data
+
+
+def _train_cell(cfg: RunConfig, run_dir: str, progress: bool) -> float:
+    from .train import train
+    started = time.perf_counter()
+    if os.path.exists(os.path.join(run_dir, "checkpoints", "last.json")):
+        with open(os.path.join(run_dir, "run.json")) as fh:
+            if json.load(fh).get("status") == "finished":
+                return _recorded_seconds(run_dir)
+        train(None, run_dir, resume=True, progress=progress)
+    else:
+        if os.path.isdir(run_dir) and os.listdir(run_dir):  # config written, nothing trained: start over
+            import shutil
+            shutil.rmtree(run_dir)
+        train(cfg, run_dir, progress=progress)
+    seconds = time.perf_counter() - started
+    with open(os.path.join(run_dir, "train_seconds.json"), "w") as fh:
+        json.dump({"seconds": seconds}, fh)
+    return seconds
+
+
+def _recorded_seconds(run_dir: str) -> float:
+    path = os.path.join(run_dir, "train_seconds.json")
+    if os.path.exists(path):
+        with open(path) as fh:
+            return json.load(fh)["seconds"]
+    from .runs.logger import read_metrics
+    return sum(r["seconds"] for r in read_metrics(run_dir))
+
+
+def probe_points(cfg: RunConfig, dense_init) -> torch.Tensor:
+    """Fixed probe set: the first PROBE_POINTS validation images, PGD-attacked against the dense θ₀."""
+    from .attacks.pgd import PGD
+    from .train.trainer import load_split
+    x, y = load_split(cfg, "val")
+    if len(y) == 0:
+        x, y = load_split(cfg, "train")
+    x, y = x[:PROBE_POINTS], y[:PROBE_POINTS]
+    torch.manual_seed(cfg.train.seed)
+    return PGD(dense_init, cfg.attack.eps, steps=cfg.attack.steps, alpha=cfg.train_alpha, norm=cfg.attack.norm)(x, y)
+
+
+def ntk_distance_at_init(cfg: RunConfig, ticket_state: dict, dense_init, probe) -> float:
+    from .ntk import empirical_ntk, ntk_distance
+    from .prune.ticket import load_model_state
+    sparse = copy.deepcopy(dense_init)
+    load_model_state(sparse, ticket_state)
+    with torch.no_grad():
+        return float(ntk_distance(empirical_ntk(sparse.eval(), probe), empirical_ntk(dense_init.eval(), probe)))
+
+
+def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out: str,
+                suite: str | None = None, progress: bool = True) -> list[dict]:
+    from .prune import PRUNERS
+    from .prune.ticket import load_ticket, prune_to_folder
+    from .train.trainer import build_from_spec, model_spec
+
+    unknown = [m for m in methods if m not in PRUNERS]
+    if unknown:
+        raise UserError(f"unknown pruning method(s) {', '.join(unknown)}; known: {', '.join(sorted(PRUNERS))}")
+    bad = [d for d in densities if not 0 < d <= 1]
+    if bad:
+        raise UserError(f"densities must lie in (0, 1]; got {bad}")
+    suite = suite or cfg.eval.suite
+    os.makedirs(out, exist_ok=True)
+    grid_path = os.path.join(out, "grid.yaml")
+    grid = {"config": cfg.to_dict(), "suite": suite}
+    if os.path.exists(grid_path):
+        with open(grid_path) as fh:
+            if yaml.safe_load(fh) != grid:
+                raise UserError(f"{out} holds a grid run with another config or suite; use another --out")
+    else:
+        with open(grid_path, "w") as fh:
+            yaml.safe_dump(grid, fh, sort_keys=False)
+
+    spec = model_spec(cfg)
+    torch.manual_seed(cfg.train.seed)
+    dense_init = build_from_spec(spec).eval()
+    probe = probe_points(cfg, dense_init)
+    rows = []
+
+    def say(msg):
+        print(f"[compare] {msg}", file=sys.stderr, flush=True)
+
+    dense_dir = os.path.join(out, "dense")
+    say("dense PGD-AT")
+    seconds = _train_cell(cfg, dense_dir, progress)
+    rows.append(_row("dense", 1.0, _eval_run(dense_dir, suite), dense_dir, 0.0, seconds, 0.0))
+    for density in densities:
+        for method in methods:
+            cell = os.path.join(out, _cell_name(method, density))
+            ticket_dir, run_dir = os.path.join(cell, "ticket"), os.path.join(cell, "run")
+            cell_cfg = copy.deepcopy(cfg)
+            cell_cfg.prune.method, cell_cfg.prune.density = method, density
+            if not os.path.exists(os.path.join(ticket_dir, "ticket.json")):
+                if os.path.isdir(ticket_dir):
+                    import shutil
+                    shutil.rmtree(ticket_dir)
+                say(f"{method} at density {density:g}: pruning")
+                prune_to_folder(cell_cfg, ticket_dir, progress=progress)
+            state, meta = load_ticket(ticket_dir)
+            cell_cfg.train.ticket = ticket_dir
+            say(f"{method} at density {density:g}: adversarial training of the ticket")
+            seconds = _train_cell(cell_cfg, run_dir, progress)
+            dist = ntk_distance_at_init(cfg, state, dense_init, probe)
+            rows.append(_row(method, density, _eval_run(run_dir, suite), run_dir, meta["prune"]["seconds"],
+                             seconds, dist))
+    _write_results(out, rows, suite)
+    return rows
+
+
+def _row(method, density, ev, run_dir, prune_s, train_s, ntk_dist):
+    import robustsparse as rs
+    from .sparse import sparsity_report
+    meta = rs.load_meta(run_dir)
+    spec = meta["model_spec"]
+    report = sparsity_report(rs.load(run_dir), (spec["in_channels"], *spec["input_size"]))
+    return {"method": method, "density": density, "accuracy": ev["accuracy"], "attacks": ev["attacks"],
+            "worst_case": ev["worst_case"], "nonzero_params": report.nonzero_params,
+            "total_params": report.total_params, "sparse_macs": report.sparse_macs, "prune_seconds": prune_s,
+            "train_seconds": train_s, "ntk_distance_at_init": ntk_dist, "warnings": ev["warnings"]}
+
+
+def _write_results(out: str, rows: list[dict], suite: str) -> None:
+    from .report import plot_density_robustness
+    with open(os.path.join(out, "results.json"), "w") as fh:
+        json.dump(rows, fh, indent=1)
+    items = list(rows[0]["accuracy"])
+    head = ["method", "density"] + [rows[0]["attacks"][i] for i in items] + \
+        ["non-zero params", "NTK dist @init (adv. probe)", "prune s", "train s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"], f"{r['density']:g}"] + [f"{r['accuracy'][i]:.2%}" for i in items] + \
+            [f"{r['nonzero_params']:,}", f"{r['ntk_distance_at_init']:.4f}", f"{r['prune_seconds']:.1f}",
+             f"{r['train_seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    with open(os.path.join(out, "results.md"), "w") as fh:
+        fh.write("# Density–robustness grid\n\n" + "\n".join(lines) + "\n\n![density vs robustness]"
+                 "(density_robustness.png)\n")
+    plot_density_robustness(rows, os.path.join(out, "density_robustness.png"))

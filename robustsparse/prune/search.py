@@ -1,0 +1,144 @@
+"""The NTK-matching ticket search shared by NTT (clean points) and AWT (adversarial points), method-notes §4(b).
+
+For mini-batches split into halves (x₁, x₂) of the search points x̃ (clean for NTT; PGD points of the dense
+network at initialisation for AWT), minimise over the student
+
+    L = γ_ker · ‖Θ_{m⊙θ_s}(x₁, x₂) − Θ_{θ₀}(x₁, x₂)‖²_F / numel(Θ)    (empirical NTK distance)
+      + γ_out · ‖f(x̃; m⊙θ_s) − f(x̃; θ₀)‖² / numel(f)                (output distance)
+      + (γ₂ / d) · ‖m⊙θ_s‖²                                           (weights only)
+
+Two readings of "a sub-network at initialisation" (``prune.mode``):
+* ``weights`` (R1, NTT-faithful, default): Adam on θ_s; the loss sees m⊙θ_s; every ``mask_update_every``
+  iterations m ← top-d magnitude of θ_s (pruned entries keep their stale values, as in NTT, so they can revive).
+  The ticket is (m, m⊙θ_s).
+* ``mask_only`` (R2, strict lottery ticket): θ stays θ₀; real scores s (initialised to |θ₀|) select m = TopK(s)
+  each step, with a straight-through gradient to s (edge-popup/HYDRA). The ticket is (m, m⊙θ₀).
+
+``prune.ntk_mode``: ``full`` matches Θ ∈ ℝ^{n₁×n₂×K×K}; ``trace`` matches Σ_k Θ_kk; ``projected`` matches
+Θ_v(x, x') = (vᵀJ(x))·(vᵀJ(x'))ᵀ with a fresh v ~ N(0, I_K) each step, shared by teacher and student. Θ_v is an
+unbiased estimate of the trace NTK, and E_v (vᵀDv)² = 2‖sym D‖²_F + tr(D)² for D = Θ_s − Θ_t at each pair, so
+minimising it matches the full kernel's symmetric part at K times less cost [INFERRED: our efficiency choice,
+not in NTT/AWT].
+
+All forward passes (attack, outputs, NTK) run in eval mode: the NTK of a BN network is taken with its running
+statistics, which at initialisation are (0, 1).
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch.func import functional_call, grad, vmap
+
+from ..attacks.pgd import PGD
+from ..ntk import empirical_ntk
+from ..sparse import Mask, apply_mask, masks_from_scores, prunable_parameters
+from .registry import Ticket, scope_of
+
+
+def _select(scores: dict, cfg, scope: str) -> Mask:
+    return masks_from_scores(scores, cfg.prune.density, scope, cfg.prune.min_layer_density)
+
+
+def projected_ntk(model, params: dict, x1, x2, v) -> torch.Tensor:
+    """Θ_v[i, j] = ∇_θ(vᵀf(x1_i)) · ∇_θ(vᵀf(x2_j)), differentiable w.r.t. ``params`` (one row per sample)."""
+    def scalar(p, xi):
+        return (functional_call(model, p, (xi[None],))[0] * v).sum()
+    per_sample = vmap(grad(scalar), in_dims=(None, 0))
+    j1, j2 = per_sample(params, x1), per_sample(params, x2)
+    return sum(j1[k].flatten(1) @ j2[k].flatten(1).T for k in j1)
+
+
+def _ntk(model, params, x1, x2, mode, v, differentiable):
+    if mode == "projected":
+        return projected_ntk(model, params, x1, x2, v)
+    return empirical_ntk(model, x1, x2, params=params, mode=mode, differentiable=differentiable)
+
+
+def ntk_search(model, cfg, x, y, points: str) -> Ticket:
+    """Run the search on ``model`` (dense, at θ₀; not modified). ``points``: clean | adversarial | both."""
+    p, a = cfg.prune, cfg.attack
+    scope = scope_of(cfg)
+    teacher = copy.deepcopy(model).eval()
+    for q in teacher.parameters():
+        q.requires_grad_(False)
+    student = copy.deepcopy(model).eval()
+    names = list(prunable_parameters(student))
+    theta0 = {n: q.detach().clone() for n, q in student.named_parameters()}
+    mask = _select({n: theta0[n].abs() for n in names}, cfg, scope)
+    mask_only = p.mode == "mask_only"
+    if mask_only:
+        for q in student.parameters():
+            q.requires_grad_(False)
+        scores = {n: theta0[n].abs().clone().requires_grad_(True) for n in names}
+        optimizer = torch.optim.Adam(scores.values(), lr=p.search_lr)
+    else:
+        optimizer = torch.optim.Adam(student.parameters(), lr=p.search_lr)
+    attack_model = copy.deepcopy(model).eval() if p.attack_target == "student" else teacher
+    attack = PGD(attack_model, a.eps, steps=a.steps, alpha=cfg.train_alpha, norm=a.norm)
+    gen = torch.Generator().manual_seed(p.seed)
+    torch.manual_seed(p.seed)
+    log, started = [], time.perf_counter()
+    teacher_params = dict(teacher.named_parameters())
+    with torch.no_grad():
+        f_t_dim = teacher(x[:1]).shape[1]
+
+    def effective_params():
+        if mask_only:
+            out = dict(theta0)
+            for n in names:  # straight-through: forward uses the 0/1 mask, backward reaches the scores
+                m = mask[n]
+                out[n] = theta0[n] * (m + scores[n] - scores[n].detach())
+            return out
+        params = dict(student.named_parameters())
+        return {n: (q * mask[n] if n in mask else q) for n, q in params.items()}
+
+    for it in range(p.search_iters):
+        idx = torch.randint(len(y), (p.search_batch,), generator=gen)
+        xb, yb = x[idx], y[idx]
+        if points == "clean":
+            pts = xb
+        else:
+            if p.attack_target == "student":
+                attack_model.load_state_dict({k: v.detach() for k, v in effective_params().items()}, strict=False)
+            adv = attack(xb, yb)
+            pts = adv if points == "adversarial" else torch.cat([xb[: len(xb) // 2], adv[len(xb) // 2:]])
+        half = len(pts) // 2
+        x1, x2 = pts[:half], pts[half:]
+        params = effective_params()
+        v = torch.randn(f_t_dim, generator=gen).to(x.device) if p.ntk_mode == "projected" else None
+        with torch.no_grad():
+            f_t = teacher(pts)
+        ntk_t = None
+        if p.ntk_weight > 0:
+            ntk_t = _ntk(teacher, teacher_params, x1, x2, p.ntk_mode, v, False).detach()
+        f_s = functional_call(student, params, (pts,))
+        out_loss = (f_s - f_t).pow(2).mean()
+        loss = p.output_weight * out_loss
+        ntk_loss = torch.zeros(())
+        if ntk_t is not None:
+            ntk_s = _ntk(student, params, x1, x2, p.ntk_mode, v, True)
+            ntk_loss = (ntk_s - ntk_t).pow(2).mean()
+            loss = loss + p.ntk_weight * ntk_loss
+        if p.l2_weight > 0:
+            loss = loss + p.l2_weight / p.density * sum(params[n].pow(2).sum() for n in names)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if mask_only:
+            mask = _select({n: s.detach() for n, s in scores.items()}, cfg, scope)
+        elif (it + 1) % p.mask_update_every == 0 and it + 1 < p.search_iters:
+            mask = _select({n: q.detach().abs() for n, q in student.named_parameters() if n in mask},
+                           cfg, scope)
+        if it % 10 == 0 or it + 1 == p.search_iters:
+            log.append({"iter": it, "loss": loss.item(), "output": out_loss.item(), "ntk": ntk_loss.item(),
+                        "seconds": time.perf_counter() - started})
+
+    final = {k: v.detach().clone() for k, v in (theta0 if mask_only else dict(student.named_parameters())).items()}
+    ticket_model = copy.deepcopy(model)
+    ticket_model.load_state_dict({**ticket_model.state_dict(), **final})
+    apply_mask(ticket_model, mask)
+    state = {k: v.detach().clone() for k, v in ticket_model.state_dict().items()}
+    return Ticket(mask=mask, state=state, info={"points": points, "mode": p.mode, "iters": p.search_iters,
+                                                 "log": log})

@@ -1,0 +1,104 @@
+"""Pruning pipeline: tickets from every method, masks exact through training/save/load, searches, compare grid."""
+import json
+import os
+
+import pytest
+import torch
+
+import robustsparse as rs
+from robustsparse.cli import main
+from robustsparse.config import load_config
+from robustsparse.errors import UserError
+from robustsparse.prune.ticket import load_ticket, prune_to_folder
+from robustsparse.sparse import get_mask, prunable_parameters
+from robustsparse.train import train
+
+TINY = ["model.options={width: 8}", "attack.steps=2", "train.epochs=2", "train.val_attack_steps=2",
+        "train.batch_size=128", "prune.synflow_rounds=5", "prune.search_iters=4", "prune.search_batch=8",
+        "prune.mask_update_every=2", "prune.samples=40"]
+
+
+@pytest.mark.parametrize("method", ["random", "magnitude", "snip", "grasp", "synflow", "ntt", "awt"])
+def test_every_method_writes_a_ticket_with_the_requested_density(tmp_path, method):
+    cfg = load_config("digits_pgdat", TINY + [f"prune.method={method}", "prune.density=0.1"])
+    ticket = prune_to_folder(cfg, str(tmp_path / "t"), progress=False)
+    assert ticket.mask.density() == pytest.approx(0.1, abs=1e-4)
+    assert all(d > 0 for d in ticket.mask.layer_density().values()), "no layer may be removed entirely"
+    state, meta = load_ticket(str(tmp_path / "t"))
+    assert meta["prune"]["method"] == method and meta["prune"]["seconds"] > 0
+    for name, weight in state.items():
+        if name.endswith(".weight") and name[: -len("weight")] + "weight_mask" in state:
+            assert torch.all(weight[state[name[: -len("weight")] + "weight_mask"] == 0] == 0)
+    assert os.path.exists(tmp_path / "t" / "mask_report.md")
+
+
+def test_ticket_mask_survives_training_save_and_load(tmp_path):
+    cfg = load_config("digits_pgdat", TINY + ["prune.method=snip", "prune.density=0.05"])
+    prune_to_folder(cfg, str(tmp_path / "t"), progress=False)
+    ticket_state, _ = load_ticket(str(tmp_path / "t"))
+    run_cfg = load_config("digits_pgdat", TINY + [f"train.ticket={tmp_path / 't'}"])
+    train(run_cfg, str(tmp_path / "run"), progress=False)
+    for which in ("best", "last"):
+        model = rs.load(str(tmp_path / "run"), which=which)
+        mask = get_mask(model)
+        assert mask is not None and mask.density() == pytest.approx(0.05, abs=1e-4)
+        weights = prunable_parameters(model)
+        for name, m in mask.items():
+            assert torch.equal(m, ticket_state[name + "_mask"]), "the mask must not change during training"
+            assert torch.all(weights[name][m == 0] == 0), f"{name}: a pruned weight became non-zero"
+        nonzero = sum(int((w != 0).sum()) for w in weights.values())
+        assert nonzero == pytest.approx(mask.kept(), abs=2)  # trained kept weights are (almost surely) non-zero
+    x, y = rs.load_dataset("digits", split="test")
+    assert rs.load(str(tmp_path / "run"))(x[:4]).shape == (4, 10)
+
+
+def test_a_ticket_for_another_architecture_is_refused(tmp_path):
+    cfg = load_config("digits_pgdat", TINY + ["prune.method=magnitude"])
+    prune_to_folder(cfg, str(tmp_path / "t"), progress=False)
+    other = load_config("digits_pgdat", TINY + ["model.options={width: 16}", f"train.ticket={tmp_path / 't'}"])
+    with pytest.raises(UserError, match="ticket"):
+        train(other, str(tmp_path / "run"), progress=False)
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("overrides", [["prune.mode=weights"], ["prune.mode=mask_only"],
+                                       ["prune.ntk_mode=projected"], ["prune.points=both"],
+                                       ["prune.attack_target=student"]])
+def test_awt_search_variants_run_and_keep_exact_density(tmp_path, overrides):
+    cfg = load_config("digits_pgdat", TINY + ["prune.method=awt", "prune.density=0.1"] + overrides)
+    ticket = prune_to_folder(cfg, str(tmp_path / "t"), progress=False)
+    assert ticket.mask.density() == pytest.approx(0.1, abs=1e-4)
+    log = ticket.info["log"]
+    assert log and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+
+
+def test_prune_cli_and_refusals(tmp_path, capsys):
+    out = tmp_path / "t"
+    assert main(["prune", "digits_pgdat", *TINY, "--method", "magnitude", "--density", "0.2", "--out",
+                 str(out)]) == 0
+    assert "density 0.2000" in capsys.readouterr().out
+    assert main(["prune", "digits_pgdat", "--method", "magnitude", "--out", str(out)]) == 2  # never overwrite
+    assert main(["prune", "digits_pgdat", "--method", "nope", "--out", str(tmp_path / "u")]) == 2
+    assert main(["prune", "digits_pgdat", "--density", "0", "--out", str(tmp_path / "u")]) == 2
+    assert "density" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "u")
+
+
+def test_compare_grid_writes_table_and_plot_and_resumes(tmp_path, capsys):
+    out = str(tmp_path / "grid")
+    args = ["compare", "digits_pgdat", *TINY, "--methods", "magnitude,awt", "--densities", "0.2",
+            "--suite", "clean,pgd-3", "--out", out, "--no-progress"]
+    assert main(args) == 0
+    rows = json.load(open(os.path.join(out, "results.json")))
+    assert [r["method"] for r in rows] == ["dense", "magnitude", "awt"]
+    for r in rows:
+        assert r["accuracy"]["pgd-3"] <= r["accuracy"]["clean"]
+        assert "PGD-3" in r["attacks"]["pgd-3"]
+    assert rows[1]["nonzero_params"] < rows[0]["nonzero_params"]
+    assert rows[0]["ntk_distance_at_init"] == 0.0 and rows[1]["ntk_distance_at_init"] > 0
+    assert os.path.exists(os.path.join(out, "density_robustness.png"))
+    table = open(os.path.join(out, "results.md")).read()
+    assert "NTK dist" in table and "awt" in table
+    before = os.path.getmtime(os.path.join(out, "awt-d0.2", "run", "eval.json"))
+    assert main(args) == 0  # a finished grid is not recomputed
+    assert os.path.getmtime(os.path.join(out, "awt-d0.2", "run", "eval.json")) == before
