@@ -11,4 +11,4 @@ demo: $(VENV)/.installed
 	$(VENV)/bin/robustsparse demo
 
 test: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/python -m pytest

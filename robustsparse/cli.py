@@ -49,6 +49,8 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--densities", default="0.1,0.05")
     cmp_.add_argument("--suite", default=None, help="evaluation suite (default: the config's eval.suite)")
     cmp_.add_argument("--out", required=True, help="grid folder; an interrupted grid continues when re-run")
+    cmp_.add_argument("--dynamics", action="store_true",
+                      help="record NTK/output dynamics on a fixed adversarial probe each epoch; plot dynamics.png")
     cmp_.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     ev = sub.add_parser("eval", help="evaluate a run folder or checkpoint with the one evaluator")
@@ -201,7 +203,8 @@ def cmd_compare(args) -> int:
         densities = [float(d) for d in args.densities.split(",") if d.strip()]
     except ValueError as exc:
         raise UserError(f"--densities must be comma-separated numbers, got {args.densities!r}") from exc
-    run_compare(cfg, methods, densities, args.out, suite=args.suite, progress=not args.no_progress)
+    run_compare(cfg, methods, densities, args.out, suite=args.suite, progress=not args.no_progress,
+                dynamics=args.dynamics)
     with open(os.path.join(args.out, "results.md")) as fh:
         print(fh.read())
     return 0

@@ -8,7 +8,9 @@ evaluated by the one evaluator, in one table and one density–robustness plot.
 
 Each cell is skipped when its eval.json exists and resumed when its run was interrupted, so a killed grid is
 continued by running the same command again. The NTK distance column is ‖Θ_ticket − Θ_dense‖_F / ‖Θ_dense‖_F at
-initialisation on a fixed probe set of PGD points of the dense θ₀ (the quantity AWT minimises).
+initialisation on a fixed probe set of PGD points of the dense θ₀ (the quantity AWT minimises). With
+``--dynamics`` every run also records the NTK and outputs on that probe each epoch, and dynamics.png overlays each
+ticket's distance to dense over training (dynamics.py).
 """
 from __future__ import annotations
 
@@ -22,10 +24,8 @@ import torch
 import yaml
 
 from .config import RunConfig
+from .dynamics import make_probe, plot_dynamics
 from .errors import UserError
-
-PROBE_POINTS = 16
-
 
 def _cell_name(method: str, density: float) -> str:
     return f"{method}-d{density:g}"
@@ -72,18 +72,6 @@ def _recorded_seconds(run_dir: str) -> float:
     return sum(r["seconds"] for r in read_metrics(run_dir))
 
 
-def probe_points(cfg: RunConfig, dense_init) -> torch.Tensor:
-    """Fixed probe set: the first PROBE_POINTS validation images, PGD-attacked against the dense θ₀."""
-    from .attacks.pgd import PGD
-    from .train.trainer import load_split
-    x, y = load_split(cfg, "val")
-    if len(y) == 0:
-        x, y = load_split(cfg, "train")
-    x, y = x[:PROBE_POINTS], y[:PROBE_POINTS]
-    torch.manual_seed(cfg.train.seed)
-    return PGD(dense_init, cfg.attack.eps, steps=cfg.attack.steps, alpha=cfg.train_alpha, norm=cfg.attack.norm)(x, y)
-
-
 def ntk_distance_at_init(cfg: RunConfig, ticket_state: dict, dense_init, probe) -> float:
     from .ntk import empirical_ntk, ntk_distance
     from .prune.ticket import load_model_state
@@ -94,7 +82,8 @@ def ntk_distance_at_init(cfg: RunConfig, ticket_state: dict, dense_init, probe) 
 
 
 def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out: str,
-                suite: str | None = None, progress: bool = True) -> list[dict]:
+                suite: str | None = None, progress: bool = True, dynamics: bool = False) -> list[dict]:
+    """Run (or continue) the grid in ``out``; ``dynamics`` records NTK/output dynamics and plots dynamics.png."""
     from .prune import PRUNERS
     from .prune.ticket import load_ticket, prune_to_folder
     from .train.trainer import build_from_spec, model_spec
@@ -106,13 +95,19 @@ def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out:
     if bad:
         raise UserError(f"densities must lie in (0, 1]; got {bad}")
     suite = suite or cfg.eval.suite
+    if dynamics:
+        cfg = copy.deepcopy(cfg)
+        cfg.train.probe_every = 1
     os.makedirs(out, exist_ok=True)
     grid_path = os.path.join(out, "grid.yaml")
     grid = {"config": cfg.to_dict(), "suite": suite}
     if os.path.exists(grid_path):
+        from .config import config_from_dict
         with open(grid_path) as fh:
-            if yaml.safe_load(fh) != grid:
-                raise UserError(f"{out} holds a grid run with another config or suite; use another --out")
+            saved = yaml.safe_load(fh)
+        # resolve through the current schema: fields added since the grid started take their defaults
+        if config_from_dict(saved["config"]).to_dict() != grid["config"] or saved["suite"] != suite:
+            raise UserError(f"{out} holds a grid run with another config or suite; use another --out")
     else:
         with open(grid_path, "w") as fh:
             yaml.safe_dump(grid, fh, sort_keys=False)
@@ -120,7 +115,7 @@ def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out:
     spec = model_spec(cfg)
     torch.manual_seed(cfg.train.seed)
     dense_init = build_from_spec(spec).eval()
-    probe = probe_points(cfg, dense_init)
+    probe = make_probe(cfg, dense_init)
     rows = []
 
     def say(msg):
@@ -150,6 +145,10 @@ def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out:
             rows.append(_row(method, density, _eval_run(run_dir, suite), run_dir, meta["prune"]["seconds"],
                              seconds, dist))
     _write_results(out, rows, suite)
+    if dynamics:
+        runs = {f"{r['method']} d={r['density']:g}": os.path.join(out, _cell_name(r["method"], r["density"]), "run")
+                for r in rows if r["method"] != "dense"}
+        plot_dynamics(runs, dense_dir, os.path.join(out, "dynamics.png"))
     return rows
 
 

@@ -482,9 +482,23 @@ def _ntk_chunked(model, x1, x2, params, mode, budget_mb: float) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------------------ entry
+class _MaskedView(nn.Module):
+    """``model`` with weights m ⊙ u: differentiating w.r.t. u gives J diag(m), the sparse network's Jacobian."""
+
+    def __init__(self, model: nn.Module, masks: dict[str, Tensor]):
+        super().__init__()
+        self.inner = model
+        self.masks = masks
+
+    def forward(self, x: Tensor) -> Tensor:
+        params = dict(self.inner.named_parameters())
+        return functional_call(self.inner, {n: (p * self.masks[n] if n in self.masks else p)
+                                            for n, p in params.items()}, (x,))
+
+
 def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
                   params: dict[str, Tensor] | None = None, mode: str = "full", differentiable: bool = False,
-                  memory_budget_mb: float | None = None) -> Tensor:
+                  memory_budget_mb: float | None = None, masks: dict[str, Tensor] | None = None) -> Tensor:
     """Empirical NTK Θ(x1, x2) of ``model`` w.r.t. ``params``: [n1, n2, K, K] ("full") or [n1, n2] ("trace").
 
     ``params``: name -> tensor for (some of) the model's parameters, used in their place via ``functional_call``
@@ -495,8 +509,14 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
     ``differentiable=True``: the result keeps the autograd graph to the ``params`` tensors that require grad (for
     use inside a loss; double backward through ``torch.func``). Otherwise the result is detached.
 
+    ``masks``: 0/1 tensors by parameter name (default: the model's own mask, if ``apply_mask`` gave it one). The
+    kernel is then the sparse network's, Θᵐ = J diag(m) Jᵀ (method-notes §4(b).1): pruned weights are not
+    trainable, so their Jacobian columns are dropped. Pass ``masks={}`` for the kernel over every coordinate.
+
     ``memory_budget_mb``: compute in Jacobian row blocks that together stay under this many MB (see the module
-    docstring; `UserError` if one row does not fit in half of it). Not combinable with ``differentiable=True``.
+    docstring; `UserError` naming the MB needed if three rows do not fit). Not combinable with
+    ``differentiable=True`` (ValueError). After a chunked call, read ``robustsparse.ntk.last_peak_block_mb`` and
+    ``robustsparse.ntk.last_chunk_info`` as module attributes (a ``from ... import`` copy would not update).
     """
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -504,6 +524,13 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
         raise ValueError("the chunked NTK (memory_budget_mb) is not differentiable; "
                          "pass differentiable=True or memory_budget_mb, not both")
     _check_inputs(x1, x2)
+    if masks is None:
+        from .sparse import get_mask
+        found = get_mask(model)
+        masks = {} if found is None else dict(found.items())
+    if masks:
+        model = _MaskedView(model, masks)
+        params = None if params is None else {f"inner.{k}": v for k, v in params.items()}
     p = _resolve_params(model, params)
     if x2 is x1:
         x2 = None

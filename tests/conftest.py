@@ -1,10 +1,16 @@
 """Shared fixtures: a small, somewhat robust digits model trained once per test session (a few seconds)."""
-import pytest
-import torch
-import torch.nn.functional as F
+import os
 
-import robustsparse as rs
-from robustsparse.attacks import PGD
+# OpenMP threads that spin while waiting make torch 10-35x slower whenever another process (a subprocess test,
+# another job) shares the 2 cores; passive waiting costs nothing when the machine is idle.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import robustsparse as rs  # noqa: E402
+from robustsparse.attacks import PGD  # noqa: E402
 
 
 @pytest.fixture(scope="session")

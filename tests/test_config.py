@@ -456,3 +456,11 @@ def test_load_config_only_user_error_or_valid(pairs, from_file):
     assert a.eps > 0 and (a.norm == "L2" or a.eps <= 1)
     assert t.method in ("standard", "pgd_at", "trades") and a.norm in ("Linf", "L2")
     assert type(t.epochs) is int and type(t.lr) is float and type(a.eps) is float
+
+
+def test_exponent_floats_without_a_dot_are_accepted():
+    # PyYAML (YAML 1.1) parses 5e-4 as a string; users mean a float
+    cfg = load_config("digits_pgdat", ["train.lr=5e-4", "prune.search_lr=1E-3"])
+    assert cfg.train.lr == 5e-4 and cfg.prune.search_lr == 1e-3
+    with pytest.raises(UserError, match="train.lr"):
+        load_config("digits_pgdat", ["train.lr=fast"])

@@ -87,7 +87,7 @@ def test_prune_cli_and_refusals(tmp_path, capsys):
 def test_compare_grid_writes_table_and_plot_and_resumes(tmp_path, capsys):
     out = str(tmp_path / "grid")
     args = ["compare", "digits_pgdat", *TINY, "--methods", "magnitude,awt", "--densities", "0.2",
-            "--suite", "clean,pgd-3", "--out", out, "--no-progress"]
+            "--suite", "clean,pgd-3", "--out", out, "--no-progress", "--dynamics"]
     assert main(args) == 0
     rows = json.load(open(os.path.join(out, "results.json")))
     assert [r["method"] for r in rows] == ["dense", "magnitude", "awt"]
@@ -99,6 +99,12 @@ def test_compare_grid_writes_table_and_plot_and_resumes(tmp_path, capsys):
     assert os.path.exists(os.path.join(out, "density_robustness.png"))
     table = open(os.path.join(out, "results.md")).read()
     assert "NTK dist" in table and "awt" in table
+    from robustsparse.dynamics import dynamics_distances
+    dyn = dynamics_distances(os.path.join(out, "awt-d0.2", "run"), os.path.join(out, "dense"))
+    assert [r["epoch"] for r in dyn] == [0, 1, 2]  # initialisation and every epoch
+    assert all(r["ntk_distance"] > 0 and r["output_distance"] > 0 for r in dyn)
+    assert dyn[0]["ntk_distance"] == pytest.approx(rows[2]["ntk_distance_at_init"], rel=1e-4)
+    assert os.path.exists(os.path.join(out, "dynamics.png"))
     before = os.path.getmtime(os.path.join(out, "awt-d0.2", "run", "eval.json"))
     assert main(args) == 0  # a finished grid is not recomputed
     assert os.path.getmtime(os.path.join(out, "awt-d0.2", "run", "eval.json")) == before

@@ -10,6 +10,7 @@ import functools
 
 import torch
 
+from ..progress import progress_bar
 from ..sparse import Mask, apply_mask, masks_from_scores
 from . import grasp, magnitude, random_prune, snip, synflow
 from .registry import Ticket, register_pruner, scope_of
@@ -48,8 +49,9 @@ register_pruner("grasp")(_one_shot(grasp.score, needs_data=True))
 @register_pruner("synflow")
 def prune_synflow(model, cfg, x, y):
     select = functools.partial(masks_from_scores, min_layer_density=cfg.prune.min_layer_density)
-    masks = synflow.synflow_iterative(model, cfg.prune.density, rounds=cfg.prune.synflow_rounds,
-                                      input_shape=tuple(x.shape[1:]), scope=scope_of(cfg),
-                                      masks_from_scores=select)
+    with progress_bar(total=cfg.prune.synflow_rounds, desc="SynFlow rounds", unit="round") as bar:
+        masks = synflow.synflow_iterative(model, cfg.prune.density, rounds=cfg.prune.synflow_rounds,
+                                          input_shape=tuple(x.shape[1:]), scope=scope_of(cfg),
+                                          masks_from_scores=select, callback=lambda t, m: bar.update(1))
     mask = masks if isinstance(masks, Mask) else Mask(dict(masks))
     return _ticket_from_mask(model, mask)

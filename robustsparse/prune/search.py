@@ -33,6 +33,7 @@ from torch.func import functional_call, grad, vmap
 
 from ..attacks.pgd import PGD
 from ..ntk import empirical_ntk
+from ..progress import progress_bar
 from ..sparse import Mask, apply_mask, masks_from_scores, prunable_parameters
 from .registry import Ticket, scope_of
 
@@ -41,19 +42,21 @@ def _select(scores: dict, cfg, scope: str) -> Mask:
     return masks_from_scores(scores, cfg.prune.density, scope, cfg.prune.min_layer_density)
 
 
-def projected_ntk(model, params: dict, x1, x2, v) -> torch.Tensor:
-    """Θ_v[i, j] = ∇_θ(vᵀf(x1_i)) · ∇_θ(vᵀf(x2_j)), differentiable w.r.t. ``params`` (one row per sample)."""
+def projected_ntk(model, params: dict, x1, x2, v, masks: dict) -> torch.Tensor:
+    """Θ_v[i, j] = ∇_θ(vᵀf(x1_i)) diag(m) ∇_θ(vᵀf(x2_j)), differentiable w.r.t. ``params`` (one row per sample);
+    pruned coordinates are dropped (the sparse network's kernel, as in ``empirical_ntk``)."""
     def scalar(p, xi):
         return (functional_call(model, p, (xi[None],))[0] * v).sum()
     per_sample = vmap(grad(scalar), in_dims=(None, 0))
     j1, j2 = per_sample(params, x1), per_sample(params, x2)
-    return sum(j1[k].flatten(1) @ j2[k].flatten(1).T for k in j1)
+    rows = {k: (j1[k] * masks[k], j2[k]) if k in masks else (j1[k], j2[k]) for k in j1}
+    return sum(a.flatten(1) @ b.flatten(1).T for a, b in rows.values())
 
 
-def _ntk(model, params, x1, x2, mode, v, differentiable):
+def _ntk(model, params, x1, x2, mode, v, differentiable, masks):
     if mode == "projected":
-        return projected_ntk(model, params, x1, x2, v)
-    return empirical_ntk(model, x1, x2, params=params, mode=mode, differentiable=differentiable)
+        return projected_ntk(model, params, x1, x2, v, masks)
+    return empirical_ntk(model, x1, x2, params=params, mode=mode, differentiable=differentiable, masks=masks)
 
 
 def ntk_search(model, cfg, x, y, points: str) -> Ticket:
@@ -94,46 +97,48 @@ def ntk_search(model, cfg, x, y, points: str) -> Ticket:
         params = dict(student.named_parameters())
         return {n: (q * mask[n] if n in mask else q) for n, q in params.items()}
 
-    for it in range(p.search_iters):
-        idx = torch.randint(len(y), (p.search_batch,), generator=gen)
-        xb, yb = x[idx], y[idx]
-        if points == "clean":
-            pts = xb
-        else:
-            if p.attack_target == "student":
-                attack_model.load_state_dict({k: v.detach() for k, v in effective_params().items()}, strict=False)
-            adv = attack(xb, yb)
-            pts = adv if points == "adversarial" else torch.cat([xb[: len(xb) // 2], adv[len(xb) // 2:]])
-        half = len(pts) // 2
-        x1, x2 = pts[:half], pts[half:]
-        params = effective_params()
-        v = torch.randn(f_t_dim, generator=gen).to(x.device) if p.ntk_mode == "projected" else None
-        with torch.no_grad():
-            f_t = teacher(pts)
-        ntk_t = None
-        if p.ntk_weight > 0:
-            ntk_t = _ntk(teacher, teacher_params, x1, x2, p.ntk_mode, v, False).detach()
-        f_s = functional_call(student, params, (pts,))
-        out_loss = (f_s - f_t).pow(2).mean()
-        loss = p.output_weight * out_loss
-        ntk_loss = torch.zeros(())
-        if ntk_t is not None:
-            ntk_s = _ntk(student, params, x1, x2, p.ntk_mode, v, True)
-            ntk_loss = (ntk_s - ntk_t).pow(2).mean()
-            loss = loss + p.ntk_weight * ntk_loss
-        if p.l2_weight > 0:
-            loss = loss + p.l2_weight / p.density * sum(params[n].pow(2).sum() for n in names)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if mask_only:
-            mask = _select({n: s.detach() for n, s in scores.items()}, cfg, scope)
-        elif (it + 1) % p.mask_update_every == 0 and it + 1 < p.search_iters:
-            mask = _select({n: q.detach().abs() for n, q in student.named_parameters() if n in mask},
-                           cfg, scope)
-        if it % 10 == 0 or it + 1 == p.search_iters:
-            log.append({"iter": it, "loss": loss.item(), "output": out_loss.item(), "ntk": ntk_loss.item(),
-                        "seconds": time.perf_counter() - started})
+    with progress_bar(total=p.search_iters, desc=f"{cfg.prune.method} search", unit="it") as bar:
+        for it in range(p.search_iters):
+            bar.update(1)
+            idx = torch.randint(len(y), (p.search_batch,), generator=gen)
+            xb, yb = x[idx], y[idx]
+            if points == "clean":
+                pts = xb
+            else:
+                if p.attack_target == "student":
+                    attack_model.load_state_dict({k: v.detach() for k, v in effective_params().items()}, strict=False)
+                adv = attack(xb, yb)
+                pts = adv if points == "adversarial" else torch.cat([xb[: len(xb) // 2], adv[len(xb) // 2:]])
+            half = len(pts) // 2
+            x1, x2 = pts[:half], pts[half:]
+            params = effective_params()
+            v = torch.randn(f_t_dim, generator=gen).to(x.device) if p.ntk_mode == "projected" else None
+            with torch.no_grad():
+                f_t = teacher(pts)
+            ntk_t = None
+            if p.ntk_weight > 0:
+                ntk_t = _ntk(teacher, teacher_params, x1, x2, p.ntk_mode, v, False, {}).detach()
+            f_s = functional_call(student, params, (pts,))
+            out_loss = (f_s - f_t).pow(2).mean()
+            loss = p.output_weight * out_loss
+            ntk_loss = torch.zeros(())
+            if ntk_t is not None:
+                ntk_s = _ntk(student, params, x1, x2, p.ntk_mode, v, True, dict(mask.items()))
+                ntk_loss = (ntk_s - ntk_t).pow(2).mean()
+                loss = loss + p.ntk_weight * ntk_loss
+            if p.l2_weight > 0:
+                loss = loss + p.l2_weight / p.density * sum(params[n].pow(2).sum() for n in names)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if mask_only:
+                mask = _select({n: s.detach() for n, s in scores.items()}, cfg, scope)
+            elif (it + 1) % p.mask_update_every == 0 and it + 1 < p.search_iters:
+                mask = _select({n: q.detach().abs() for n, q in student.named_parameters() if n in mask},
+                               cfg, scope)
+            if it % 10 == 0 or it + 1 == p.search_iters:
+                log.append({"iter": it, "loss": loss.item(), "output": out_loss.item(), "ntk": ntk_loss.item(),
+                            "seconds": time.perf_counter() - started})
 
     final = {k: v.detach().clone() for k, v in (theta0 if mask_only else dict(student.named_parameters())).items()}
     ticket_model = copy.deepcopy(model)

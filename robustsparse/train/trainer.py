@@ -147,6 +147,10 @@ def train(cfg: RunConfig | None, out: str, resume: bool = False, progress: bool 
     model = build_from_spec(spec).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=t.nesterov,
                                 weight_decay=t.weight_decay)
+    recorder = None
+    if t.probe_every:  # probe from the dense θ₀ (the model as built, before any ticket is loaded)
+        from ..dynamics import DynamicsRecorder, make_probe
+        probe = make_probe(cfg, model)
     masked = False
     if t.ticket is not None:
         masked = _start_from_ticket(model, t.ticket, spec)
@@ -167,6 +171,10 @@ def train(cfg: RunConfig | None, out: str, resume: bool = False, progress: bool 
         load_model_state(model, {k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("model.")})
         _load_optimizer(optimizer, {k: v.to(device) for k, v in tensors.items()}, meta["optimizer_param_groups"])
         start_epoch, start_step, best, sums = meta["epoch"], meta["step"], meta["best"], meta["epoch_sums"]
+    if t.probe_every:
+        recorder = DynamicsRecorder(out, probe)
+        if start_epoch == 0 and start_step == 0:
+            recorder.record(model, 0)
     log = MetricsLog(out, resume_epoch=start_epoch if resume else None,
                      purge_step=start_epoch * steps_per_epoch if resume else None)
     write_status(out, status="running", device=str(device), torch=torch.__version__)
@@ -244,6 +252,8 @@ def train(cfg: RunConfig | None, out: str, resume: bool = False, progress: bool 
         log.append(row, row["step"])
         if progress:
             print(_summary(row, t.epochs), file=sys.stderr, flush=True)
+        if recorder is not None and ((epoch + 1) % t.probe_every == 0 or epoch + 1 == t.epochs):
+            recorder.record(model, epoch + 1)
         if is_best:
             checkpoint("best", epoch + 1, 0, None)
         checkpoint("last", epoch + 1, 0, None)
