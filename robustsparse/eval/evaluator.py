@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..attacks.autoattack import COMPONENTS, describe_component, run_component
-from ..attacks.base import attack_mode, project
+from ..attacks.base import attack_mode
 from ..attacks.fgsm import FGSM
 from ..attacks.pgd import PGD
 from ..errors import UserError
@@ -229,7 +229,3 @@ def _autoattack(model, x, y, clean_ok, eps, norm, num_classes, batch_size, seed,
     warnings += checks.check_black_box_beats_white_box(before_square, aa_components["square"], len(y))
     return robust
 
-
-def check_in_ball(x_adv, x, eps, norm):
-    """Public helper for tests: project onto the threat model (used when counting third-party attack outputs)."""
-    return (x + project(x_adv - x, eps, norm)).clamp(0.0, 1.0)

@@ -26,7 +26,6 @@ from ..models import build_model
 from ..progress import progress_bar
 from ..prune.ticket import load_model_state
 from ..runs.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
-from ..sparse import enforce_mask
 from ..runs.logger import MetricsLog, write_status
 from .objectives import build_objective
 from .schedule import lr_at
@@ -124,7 +123,7 @@ def _summary(row: dict, epochs: int) -> str:
     return " | ".join(parts + [f"{row['seconds']:.1f}s"])
 
 
-def _start_from_ticket(model, path: str, spec: dict) -> bool:
+def _start_from_ticket(model, path: str, spec: dict) -> None:
     """Load a ticket's mask and initial weights into ``model``; refuse a ticket for another architecture."""
     from ..prune.ticket import load_ticket
     state, meta = load_ticket(path)
@@ -132,7 +131,6 @@ def _start_from_ticket(model, path: str, spec: dict) -> bool:
         raise UserError(f"ticket {path} was found for {meta['model_spec']}, but this run builds {spec}; "
                         "use the same data and model settings as the prune run")
     load_model_state(model, {k: v.to(next(model.parameters()).device) for k, v in state.items()})
-    return True
 
 
 def train(cfg: RunConfig | None, out: str, resume: bool = False, progress: bool = True) -> TrainResult:
@@ -151,9 +149,8 @@ def train(cfg: RunConfig | None, out: str, resume: bool = False, progress: bool 
     if t.probe_every:  # probe from the dense θ₀ (the model as built, before any ticket is loaded)
         from ..dynamics import DynamicsRecorder, make_probe
         probe = make_probe(cfg, model)
-    masked = False
-    if t.ticket is not None:
-        masked = _start_from_ticket(model, t.ticket, spec)
+    if t.ticket is not None:  # the mask's own hooks keep pruned weights exactly 0 through every step
+        _start_from_ticket(model, t.ticket, spec)
     objective = build_objective(model, cfg)
     if not resume:  # only now: data and model are known to load, so a bad config leaves no folder behind
         create_run_dir(out, cfg)
@@ -216,8 +213,6 @@ def train(cfg: RunConfig | None, out: str, resume: bool = False, progress: bool 
                 optimizer.zero_grad(set_to_none=True)
                 out_step.loss.backward()
                 optimizer.step()
-                if masked:
-                    enforce_mask(model)
                 acc[0] += out_step.loss.detach() * len(yb)
                 acc[1] += len(yb)
                 if out_step.correct_clean is not None:
