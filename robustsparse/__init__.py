@@ -16,7 +16,9 @@ from .errors import UserError  # noqa: E402
 from .eval import EvalResult, evaluate  # noqa: E402
 from .models import build_model, list_models  # noqa: E402
 from .train import train  # noqa: E402
+from .posttrain import PosttrainResult, posttrain  # noqa: E402
+from .ofa.sweep import sweep  # noqa: E402
 
 __all__ = ["load", "load_meta", "load_dataset", "list_datasets", "build_model", "list_models", "evaluate",
-           "EvalResult", "train", "RunConfig", "load_config", "Attack", "FGSM", "PGD", "TradesKL", "attack_mode",
-           "UserError", "__version__"]
+           "EvalResult", "train", "posttrain", "PosttrainResult", "RunConfig", "load_config", "Attack", "FGSM",
+           "PGD", "TradesKL", "attack_mode", "UserError", "sweep", "__version__"]

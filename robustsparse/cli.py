@@ -1,10 +1,14 @@
 """Command line: a thin layer over the public API. Every user error is one line on stderr and exit status 2.
 
-    robustsparse demo [--out DIR]                      train + evaluate + report on the embedded digits data
+    robustsparse demo [--out DIR] [--quick]            the whole story on digits (grid, AWT, SMART sweep), one report
     robustsparse train CONFIG [k=v ...] --out DIR [--resume]
     robustsparse eval RUN_OR_CKPT [--suite clean,pgd-20,autoattack] [--eps E] [--json]
-    robustsparse prune CONFIG [k=v ...] --method M --density D --out DIR
+    robustsparse prune CONFIG [k=v ...] --method M --density D --out DIR   (prune --resume --out DIR continues)
     robustsparse compare CONFIG [k=v ...] --methods ... --densities ... --out DIR
+    robustsparse posttrain CONFIG [k=v ...] --method {hydra,lwm,imp} --density D --out DIR [--pretrained RUN]
+    robustsparse sweep RUN [RUN ...] --lams 0,0.1,...,1 [--suite clean,pgd-20] [--out DIR]   λ trade-off
+    robustsparse bench [--model M --input-shape C,H,W --batch B --steps K] [--json PATH] [--inference]   speed
+    robustsparse export RUN --out DIR [--which best|last] [--format safetensors,onnx]   deployable sparse model
     robustsparse configs                               list the configs shipped with the library
 """
 from __future__ import annotations
@@ -13,7 +17,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 from .errors import UserError
 
@@ -23,8 +26,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="train dense PGD-AT on digits, evaluate it (PGD-20, AutoAttack), report")
-    demo.add_argument("--out", default=None, help="run folder (default: a new runs/demo[-N])")
+    demo = sub.add_parser("demo", help="the whole story on digits: dense PGD-AT, AWT and its baselines, SMART, report")
+    demo.add_argument("--out", default=None, help="demo folder (default: a new runs/demo[-N]); re-run to continue")
+    demo.add_argument("--density", type=float, default=0.05, help="density of the tickets (default 0.05)")
+    demo.add_argument("--quick", action="store_true", help="skip the full AutoAttack of the headline models")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=5")
 
     train = sub.add_parser("train", help="train a model from a YAML config (a path or a shipped config name)")
@@ -36,8 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     prune = sub.add_parser("prune", help="find a sparse ticket at initialisation (mask + initial weights)")
-    prune.add_argument("config", help="YAML file or shipped config name")
+    prune.add_argument("config", nargs="?", help="YAML file or shipped config name (optional with --resume)")
     prune.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. prune.search_iters=50")
+    prune.add_argument("--resume", action="store_true", help="continue the killed prune run in --out (ntt/awt)")
     prune.add_argument("--method", default=None, help="random, magnitude, snip, grasp, synflow, ntt or awt")
     prune.add_argument("--density", type=float, default=None, help="kept fraction of conv/linear weights")
     prune.add_argument("--out", required=True, help="ticket folder; must not exist yet")
@@ -65,10 +72,20 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--batch-size", type=int, default=None)
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--state", default=None, help="resumable evaluation state file (JSON)")
+    ev.add_argument("--lam", type=float, default=None, help="once-for-all runs: the trade-off λ in [0, 1]")
+    ev.add_argument("--mix", choices=("switch", "weight", "logit"), default=None, help="SMART: λ at inference")
     ev.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     sub.add_parser("configs", help="list the configs shipped with the library")
+    from .cli_posttrain import add_posttrain_parser
+    add_posttrain_parser(sub)
+    from .cli_sweep import add_sweep_parser
+    add_sweep_parser(sub)
+    from .cli_bench import add_bench_parser
+    add_bench_parser(sub)
+    from .cli_export import add_export_parser
+    add_export_parser(sub)
     return p
 
 
@@ -92,6 +109,8 @@ def cmd_train(args) -> int:
     elif args.overrides or args.ticket:
         raise UserError("--resume continues the run with its own config; overrides are not accepted")
     result = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 speaks for the run
+        return 0
     best = "n/a (no validation split)" if result.best_val_robust is None else f"{result.best_val_robust:.2%}"
     print(f"finished: {result.run_dir} (best validation score {best}); "
           f"evaluate with: robustsparse eval {result.run_dir}")
@@ -99,7 +118,7 @@ def cmd_train(args) -> int:
 
 
 def run_eval(path, suite=None, eps=None, norm=None, split=None, n=None, which="best", data_root=None,
-             batch_size=None, seed=0, state=None, progress=True):
+             batch_size=None, seed=0, state=None, progress=True, lam=None, mix=None):
     """Evaluate a run/checkpoint on its own dataset with the run's threat model unless overridden."""
     import robustsparse as rs
     from .config import config_from_dict
@@ -109,7 +128,7 @@ def run_eval(path, suite=None, eps=None, norm=None, split=None, n=None, which="b
     cfg = config_from_dict(meta["config"])
     if data_root is not None:
         cfg.data.root = data_root
-    model = rs.load(path, which=which, device=_eval_device())
+    model = rs.load(path, which=which, device=_eval_device(), lam=lam, mix=mix)
     x, y = load_split(cfg, cfg.eval.split if split is None else split)
     if n is not None:
         if n < 1:
@@ -132,7 +151,8 @@ def cmd_eval(args) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     result, _ = run_eval(args.path, args.suite, args.eps, args.norm, args.split, args.n, args.which,
-                         args.data_root, args.batch_size, args.seed, args.state, progress=not args.no_progress)
+                         args.data_root, args.batch_size, args.seed, args.state, progress=not args.no_progress,
+                         lam=args.lam, mix=args.mix)
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:
@@ -154,25 +174,16 @@ def _new_demo_dir() -> str:
 
 def cmd_demo(args) -> int:
     from .config import load_config
-    from .report import write_report
-    from .runs.logger import read_metrics
-    from .train import train
+    from .story import run_story
 
     out = args.out or _new_demo_dir()
     cfg = load_config("digits_pgdat", args.overrides)
-    print(f"demo: dense PGD-AT on digits (eps={cfg.attack.eps}), run folder {out}", file=sys.stderr)
-    started = time.perf_counter()
-    train(cfg, out)
-    trained = time.perf_counter() - started
-    result, _ = run_eval(out, state=os.path.join(out, "eval-state.json"))
-    with open(os.path.join(out, "eval.json"), "w") as fh:
-        json.dump(result.to_dict(), fh, indent=1)
-    total = time.perf_counter() - started
-    timing = f"Wall time: training {trained:.0f} s, evaluation {total - trained:.0f} s (this machine)."
-    report = write_report(out, "robustsparse demo: dense PGD-AT on digits", cfg.to_dict(), result,
-                          read_metrics(out), extra=timing)
-    print(result.table())
-    print(f"\nreport: {report}\ncurves: {os.path.join(out, 'curves.png')}\n{timing}")
+    print(f"demo: digits, eps={cfg.attack.eps}, folder {out} (re-run the same command to continue)", file=sys.stderr)
+    report = run_story(cfg, out, density=args.density, final_suite=None if args.quick else cfg.eval.suite,
+                       progress=not args.no_progress)
+    with open(report) as fh:
+        print(fh.read())
+    print(f"report: {report}")
     return 0
 
 
@@ -184,12 +195,17 @@ def cmd_prune(args) -> int:
     from .config import load_config
     from .prune.ticket import prune_to_folder
 
-    cfg = load_config(args.config, _with_flags(args.overrides, **{"prune.method": args.method,
-                                                                   "prune.density": args.density}))
-    ticket = prune_to_folder(cfg, args.out)
+    overrides = _with_flags(args.overrides, **{"prune.method": args.method, "prune.density": args.density})
+    if args.config is None and not args.resume:
+        raise UserError("prune needs a CONFIG (a YAML file or a shipped config name), or --resume")
+    cfg = load_config(args.config, overrides) if args.config is not None else None
+    if cfg is None and overrides:
+        raise UserError("overrides need a CONFIG; to resume, give only --resume --out DIR")
+    ticket = prune_to_folder(cfg, args.out, resume=args.resume)
+    cfg = load_config(os.path.join(args.out, "config.yaml"))
     print(f"ticket: {args.out} ({cfg.prune.method}, density {ticket.mask.density():.4f}, "
-          f"{ticket.info['seconds']:.1f} s); train it with: robustsparse train {args.config} --ticket {args.out} "
-          f"--out RUN")
+          f"{ticket.info['seconds']:.1f} s); train it with: robustsparse train {args.config or 'CONFIG'} "
+          f"--ticket {args.out} --out RUN")
     return 0
 
 
@@ -217,6 +233,26 @@ def cmd_configs(args) -> int:
     return 0
 
 
+def _cmd_posttrain(args) -> int:
+    from .cli_posttrain import cmd_posttrain
+    return cmd_posttrain(args)
+
+
+def _cmd_sweep(args) -> int:
+    from .cli_sweep import cmd_sweep
+    return cmd_sweep(args)
+
+
+def _cmd_export(args) -> int:
+    from .cli_export import cmd_export
+    return cmd_export(args)
+
+
+def _cmd_bench(args) -> int:
+    from .cli_bench import cmd_bench
+    return cmd_bench(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
@@ -225,12 +261,15 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides or []) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    from .threads import configure_threads
+    configure_threads()  # no more torch threads than the cores this process may use (threads.py)
     handler = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "configs": cmd_configs,
-               "prune": cmd_prune, "compare": cmd_compare}[args.command]
+               "prune": cmd_prune, "compare": cmd_compare, "posttrain": _cmd_posttrain, "sweep": _cmd_sweep,
+               "bench": _cmd_bench, "export": _cmd_export}[args.command]
     try:
         return handler(args)
     except UserError as exc:
-        print(f"robustsparse: error: {exc}", file=sys.stderr)
+        print(f"robustsparse: error: {' '.join(str(exc).split())}", file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         print("robustsparse: interrupted; a training run continues with --resume", file=sys.stderr)

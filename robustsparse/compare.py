@@ -4,6 +4,8 @@ evaluated by the one evaluator, in one table and one density–robustness plot.
     <out>/dense/                      dense run (train + eval.json)
     <out>/<method>-d<density>/ticket/ the ticket (robustsparse prune output)
     <out>/<method>-d<density>/run/    its training run and eval.json
+    <out>/hydra-d<density>/, lwm-d<density>/, imp/   after-training methods: posttrain folders whose pre-trained
+                                      model is <out>/dense (compare_after.py); imp is one chain for all densities
     <out>/results.json, results.md, density_robustness.png
 
 Each cell is skipped when its eval.json exists and resumed when its run was interrupted, so a killed grid is
@@ -15,61 +17,28 @@ ticket's distance to dense over training (dynamics.py).
 from __future__ import annotations
 
 import copy
-import json
 import os
 import sys
-import time
 
 import torch
 import yaml
 
+from .compare_after import after_training_cell, cost_cells, dense_cell_config, is_after_training
 from .config import RunConfig
 from .dynamics import make_probe, plot_dynamics
 from .errors import UserError
+from .runs.atomic import write_json_atomic, write_text_atomic, write_yaml_atomic
+from .stages import eval_stage as _eval_run, train_stage as _train_cell
+
+COST_NOTE = ("Training cost per stage, then the total. Dense: its PGD-AT. At initialisation: prune (0 epochs) + "
+             "PGD-AT of the ticket. hydra/lwm: dense pre-training (the dense row's run, reused) + score stage or "
+             "magnitude prune + fine-tune. imp: dense pre-training + every round up to that density. Wall seconds on "
+             "the machine that ran the cell; an evaluation is not counted. n/a: the NTK distance at initialisation "
+             "is not defined for a network pruned after training.")
+
 
 def _cell_name(method: str, density: float) -> str:
     return f"{method}-d{density:g}"
-
-
-def _eval_run(run_dir: str, suite: str):
-    from .cli import run_eval
-    path = os.path.join(run_dir, "eval.json")
-    if os.path.exists(path):
-        with open(path) as fh:
-            return json.load(fh)
-    result, _ = run_eval(run_dir, suite=suite, state=os.path.join(run_dir, "eval-state.json"))
-    data = result.to_dict()
-    with open(path, "w") as fh:
-        json.dump(data, fh, indent=1)
-    return data
-
-
-def _train_cell(cfg: RunConfig, run_dir: str, progress: bool) -> float:
-    from .train import train
-    started = time.perf_counter()
-    if os.path.exists(os.path.join(run_dir, "checkpoints", "last.json")):
-        with open(os.path.join(run_dir, "run.json")) as fh:
-            if json.load(fh).get("status") == "finished":
-                return _recorded_seconds(run_dir)
-        train(None, run_dir, resume=True, progress=progress)
-    else:
-        if os.path.isdir(run_dir) and os.listdir(run_dir):  # config written, nothing trained: start over
-            import shutil
-            shutil.rmtree(run_dir)
-        train(cfg, run_dir, progress=progress)
-    seconds = time.perf_counter() - started
-    with open(os.path.join(run_dir, "train_seconds.json"), "w") as fh:
-        json.dump({"seconds": seconds}, fh)
-    return seconds
-
-
-def _recorded_seconds(run_dir: str) -> float:
-    path = os.path.join(run_dir, "train_seconds.json")
-    if os.path.exists(path):
-        with open(path) as fh:
-            return json.load(fh)["seconds"]
-    from .runs.logger import read_metrics
-    return sum(r["seconds"] for r in read_metrics(run_dir))
 
 
 def ntk_distance_at_init(cfg: RunConfig, ticket_state: dict, dense_init, probe) -> float:
@@ -88,12 +57,15 @@ def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out:
     from .prune.ticket import load_ticket, prune_to_folder
     from .train.trainer import build_from_spec, model_spec
 
-    unknown = [m for m in methods if m not in PRUNERS]
+    unknown = [m for m in methods if m not in PRUNERS and not is_after_training(m)]
     if unknown:
-        raise UserError(f"unknown pruning method(s) {', '.join(unknown)}; known: {', '.join(sorted(PRUNERS))}")
+        raise UserError(f"unknown pruning method(s) {', '.join(unknown)}; known: "
+                        f"{', '.join(sorted(PRUNERS))} (at initialisation), hydra, lwm, imp (after training)")
     bad = [d for d in densities if not 0 < d <= 1]
     if bad:
         raise UserError(f"densities must lie in (0, 1]; got {bad}")
+    if any(is_after_training(m) for m in methods) and max(densities) >= 1:
+        raise UserError("hydra, lwm and imp prune: their densities must be below 1")
     suite = suite or cfg.eval.suite
     if dynamics:
         cfg = copy.deepcopy(cfg)
@@ -109,8 +81,7 @@ def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out:
         if config_from_dict(saved["config"]).to_dict() != grid["config"] or saved["suite"] != suite:
             raise UserError(f"{out} holds a grid run with another config or suite; use another --out")
     else:
-        with open(grid_path, "w") as fh:
-            yaml.safe_dump(grid, fh, sort_keys=False)
+        write_yaml_atomic(grid_path, grid)  # read back by every rerun: never half-written
 
     spec = model_spec(cfg)
     torch.manual_seed(cfg.train.seed)
@@ -123,36 +94,47 @@ def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out:
 
     dense_dir = os.path.join(out, "dense")
     say("dense PGD-AT")
-    seconds = _train_cell(cfg, dense_dir, progress)
-    rows.append(_row("dense", 1.0, _eval_run(dense_dir, suite), dense_dir, 0.0, seconds, 0.0))
+    seconds = _train_cell(dense_cell_config(cfg, methods), dense_dir, progress)
+    rows.append(_row("dense", 1.0, _eval_run(dense_dir, suite), dense_dir, 0.0, seconds, 0.0,
+                     [{"stage": "dense training", "epochs": cfg.train.epochs, "seconds": seconds}]))
     for density in densities:
         for method in methods:
+            if is_after_training(method):
+                say(f"{method} at density {density:g}: after training, from the dense cell")
+                run_dir, ev, stages = after_training_cell(cfg, method, density, densities, out, dense_dir, suite,
+                                                          progress)
+                rows.append({**_row(method, density, ev, run_dir, None, None, None, stages),
+                             "family": "after training"})
+                continue
             cell = os.path.join(out, _cell_name(method, density))
             ticket_dir, run_dir = os.path.join(cell, "ticket"), os.path.join(cell, "run")
             cell_cfg = copy.deepcopy(cfg)
             cell_cfg.prune.method, cell_cfg.prune.density = method, density
             if not os.path.exists(os.path.join(ticket_dir, "ticket.json")):
-                if os.path.isdir(ticket_dir):
+                resume = os.path.exists(os.path.join(ticket_dir, "config.yaml"))  # a killed search continues
+                if os.path.isdir(ticket_dir) and not resume:
                     import shutil
                     shutil.rmtree(ticket_dir)
                 say(f"{method} at density {density:g}: pruning")
-                prune_to_folder(cell_cfg, ticket_dir, progress=progress)
+                prune_to_folder(cell_cfg, ticket_dir, progress=progress, resume=resume)
             state, meta = load_ticket(ticket_dir)
             cell_cfg.train.ticket = ticket_dir
             say(f"{method} at density {density:g}: adversarial training of the ticket")
             seconds = _train_cell(cell_cfg, run_dir, progress)
             dist = ntk_distance_at_init(cfg, state, dense_init, probe)
+            stages = [{"stage": "prune", "epochs": 0, "seconds": meta["prune"]["seconds"]},
+                      {"stage": "adversarial training", "epochs": cell_cfg.train.epochs, "seconds": seconds}]
             rows.append(_row(method, density, _eval_run(run_dir, suite), run_dir, meta["prune"]["seconds"],
-                             seconds, dist))
+                             seconds, dist, stages))
     _write_results(out, rows, suite)
     if dynamics:
         runs = {f"{r['method']} d={r['density']:g}": os.path.join(out, _cell_name(r["method"], r["density"]), "run")
-                for r in rows if r["method"] != "dense"}
+                for r in rows if r["method"] != "dense" and not is_after_training(r["method"])}
         plot_dynamics(runs, dense_dir, os.path.join(out, "dynamics.png"))
     return rows
 
 
-def _row(method, density, ev, run_dir, prune_s, train_s, ntk_dist):
+def _row(method, density, ev, run_dir, prune_s, train_s, ntk_dist, stages):
     import robustsparse as rs
     from .sparse import sparsity_report
     meta = rs.load_meta(run_dir)
@@ -161,23 +143,23 @@ def _row(method, density, ev, run_dir, prune_s, train_s, ntk_dist):
     return {"method": method, "density": density, "accuracy": ev["accuracy"], "attacks": ev["attacks"],
             "worst_case": ev["worst_case"], "nonzero_params": report.nonzero_params,
             "total_params": report.total_params, "sparse_macs": report.sparse_macs, "prune_seconds": prune_s,
-            "train_seconds": train_s, "ntk_distance_at_init": ntk_dist, "warnings": ev["warnings"]}
+            "train_seconds": train_s, "ntk_distance_at_init": ntk_dist, "warnings": ev["warnings"],
+            "run": run_dir, "cost": {"stages": stages, "epochs": sum(s["epochs"] for s in stages),
+                                     "seconds": sum(s["seconds"] for s in stages)}}
 
 
 def _write_results(out: str, rows: list[dict], suite: str) -> None:
     from .report import plot_density_robustness
-    with open(os.path.join(out, "results.json"), "w") as fh:
-        json.dump(rows, fh, indent=1)
+    write_json_atomic(os.path.join(out, "results.json"), rows, sort_keys=False)
     items = list(rows[0]["accuracy"])
     head = ["method", "density"] + [rows[0]["attacks"][i] for i in items] + \
-        ["non-zero params", "NTK dist @init (adv. probe)", "prune s", "train s"]
+        ["non-zero params", "NTK dist @init (adv. probe)", "training epochs (total)", "training wall s (total)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r["method"], f"{r['density']:g}"] + [f"{r['accuracy'][i]:.2%}" for i in items] + \
-            [f"{r['nonzero_params']:,}", f"{r['ntk_distance_at_init']:.4f}", f"{r['prune_seconds']:.1f}",
-             f"{r['train_seconds']:.0f}"]
+            [f"{r['nonzero_params']:,}", "n/a" if r["ntk_distance_at_init"] is None else
+             f"{r['ntk_distance_at_init']:.4f}", *cost_cells(r["cost"]["stages"])]
         lines.append("| " + " | ".join(cells) + " |")
-    with open(os.path.join(out, "results.md"), "w") as fh:
-        fh.write("# Density–robustness grid\n\n" + "\n".join(lines) + "\n\n![density vs robustness]"
-                 "(density_robustness.png)\n")
+    write_text_atomic(os.path.join(out, "results.md"), "# Density–robustness grid\n\n" + "\n".join(lines) + "\n\n" +
+                      COST_NOTE + "\n\n![density vs robustness](density_robustness.png)\n")
     plot_density_robustness(rows, os.path.join(out, "density_robustness.png"))

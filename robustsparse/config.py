@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -48,7 +49,7 @@ class AttackConfig:
 
 @dataclass
 class TrainConfig:
-    method: str = "pgd_at"  # standard | pgd_at | trades
+    method: str = "pgd_at"  # standard | pgd_at | trades | fgsm_at
     trades_beta: float = 6.0
     epochs: int = 30
     batch_size: int = 128
@@ -64,8 +65,17 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # also save 'last' every N optimizer steps (0: at epoch ends only)
     probe_every: int = 0  # record NTK and outputs on a fixed adversarial probe every N epochs (dynamics.py)
     ticket: typing.Optional[str] = None  # a `robustsparse prune` output folder: start from its mask and weights
+    keep_epochs: list[int] = field(default_factory=list)  # also keep checkpoints/epoch-<k> after epoch k (IMP rewind)
+    max_loss_factor: float = 50.0  # stop as diverged when the mean loss > this x ln(classes) (0: NaN/inf only)
+    on_overfit: str = "warn"  # catastrophic overfitting (train/guards.py): warn | stop
+    overfit_drop: float = 0.2  # ... flagged when val robust accuracy falls more than this below its best
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # Engine (train/engine.py); none of these changes the algorithm, only how fast the step runs
+    amp: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (with loss scaling) | fp32; weights stay fp32
+    channels_last: typing.Optional[bool] = None  # NHWC memory format; None: on for CUDA, off on CPU
+    compile: bool = False  # torch.compile the model the objective calls
+    sync_bn: bool = True  # under torchrun: BatchNorm uses the global batch's statistics (as one process would)
 
 
 @dataclass
@@ -73,8 +83,9 @@ class PruneConfig:
     """Finding a sparse ticket at initialisation (``robustsparse prune``); see robustsparse/prune/."""
     method: str = "magnitude"  # random | magnitude | snip | grasp | synflow | ntt | awt
     density: float = 0.1  # kept fraction of prunable weights (conv/linear weights)
-    scope: typing.Optional[str] = None  # global | layer; None: the method's default (layer for ntt/awt, else global)
+    scope: typing.Optional[str] = None  # global | layer; None: the method's default (layer for ntt, else global)
     min_layer_density: float = 0.01  # layer-collapse guard; every layer also always keeps >= 1 weight
+    structure: str = "unstructured"  # unstructured | channel (whole filters) | N:M, e.g. "2:4" (sparse/structured.py)
     samples: typing.Optional[int] = None  # data-driven scores (snip, grasp): images used; None: 10 x classes
     synflow_rounds: int = 100
     seed: int = 0
@@ -90,6 +101,43 @@ class PruneConfig:
     attack_target: str = "dense"  # awt: PGD against the dense init ("dense") or the current sparse student
     mode: str = "weights"  # awt: weights (NTT-faithful, weights move) | mask_only (scores + top-k + STE at theta_0)
     ntk_mode: str = "projected"  # full [n1, n2, K, K] | trace [n1, n2] | projected (random output projection)
+    init_method: typing.Optional[str] = None  # ntt/awt: scorer whose mask starts the search (None: ntt magnitude,
+    #                                            awt synflow; measured on digits, docs/results/digits.md)
+    allocation: str = "fixed"  # ntt/awt mask updates: fixed (per-layer counts of the initial mask) | rescope
+    ticket_weights: str = "searched"  # ntt/awt ticket starts from m*theta_s ("searched", NTT) or m*theta_0 ("init")
+    checkpoint_every: int = 10  # ntt/awt: save the resumable search state every N iterations (0: never)
+    # After-training pruning (`robustsparse posttrain`, robustsparse/posttrain.py). Defaults sized for digits, whose
+    # dense PGD-AT is 30 epochs of 19 steps. HYDRA's CIFAR recipe is 20 score + 100 fine-tune epochs after 100
+    # pre-training epochs of ~390 steps. Scaled down: 10 score epochs (190 steps; measured on digits at density
+    # 0.1, the mask moves ~21% away from LWM and the masked net's val robust accuracy levels off by epoch ~8) and
+    # 10 fine-tune epochs, each a third of pre-training.
+    hydra_epochs: int = 10  # score-stage epochs (HYDRA: 20)
+    hydra_lr: float = 0.1  # SGD on the scores, cosine (HYDRA's configs.yml: 0.1)
+    hydra_weight_decay: float = 1e-4  # on the scores (and BN when trainable), as HYDRA's optimizer
+    hydra_objective: str = "trades"  # trades (HYDRA's `adv` trainer, beta = train.trades_beta) | pgd_at
+    freeze_bn: bool = False  # score stage: BN affine parameters frozen too (HYDRA --freeze-bn)
+    finetune_epochs: int = 10  # hydra/lwm: fine-tune epochs of the kept weights (HYDRA: 100 = its pre-training)
+    finetune_lr: float = 0.01  # hydra/lwm fine-tune LR (HYDRA: 0.01), with train.schedule
+    imp_rate: float = 0.2  # IMP: fraction of the REMAINING weights pruned per round (LTH: 0.2)
+    imp_rewind_epoch: int = 0  # IMP: rewind to initialisation (0) or to the dense run's weights after epoch k
+    imp_epochs: typing.Optional[int] = None  # IMP: PGD-AT epochs per round (None: train.epochs)
+    imp_eval_suite: str = "clean,pgd-20"  # IMP: attacks run on every round's ticket (logged in rounds.jsonl)
+
+
+@dataclass
+class OfaConfig:
+    """Once-for-all training (train.method = oat | float | smart; robustsparse/ofa/, method-notes §3, §5.1-5.2)."""
+    lambdas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 1.0])  # OAT's training λ set
+    encoding: str = "rand"  # OAT λ encoding: rand (random orthogonal rows, OAT's default) | scalar (λ itself)
+    encoding_dim: int = 128  # OAT rand encoding size (OAT --dim)
+    noise_init: float = 0.25  # FLOAT: initial per-layer noise scale α
+    density_clean: float = 0.5  # SMART: kept fraction of each split layer for the clean expert (d_c)
+    density_adv: float = 0.5  # SMART: ... for the adversarial expert (d_a)
+    overlap: str = "complementary"  # SMART masks: complementary (disjoint) | nested | independent
+    split_from: int = 0  # SMART: split conv/linear layers from this index on (0: all; the classifier is shared)
+    mask_source: str = "random"  # SMART: random | magnitude | learned (scores, top-k, STE) | awt (NTT/AWT tickets)
+    mix: str = "logit"  # SMART λ at inference: logit (mix the experts' softmaxes; the measured best, docs/results/
+    #                     smart_digits.md) | weight (W*((1-λ)Mc+λMa), BN_a from λ=0.1) | switch (expert nearest λ)
 
 
 @dataclass
@@ -108,6 +156,7 @@ class RunConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    ofa: OfaConfig = field(default_factory=OfaConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
@@ -120,12 +169,17 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         a, t, e, d = self.attack, self.train, self.eval, self.data
-        _choice("train.method", t.method, ("standard", "pgd_at", "trades"))
+        _choice("train.method", t.method, ("standard", "pgd_at", "trades", "fgsm_at", "oat", "float", "smart"))
+        _choice("train.on_overfit", t.on_overfit, ("warn", "stop"))
+        _range("train.overfit_drop", t.overfit_drop, lo=0.0, lo_open=True, hi=1.0)
+        _range("train.max_loss_factor", t.max_loss_factor, lo=0.0)
         _choice("train.schedule", t.schedule, ("cosine", "onecycle", "multistep", "constant"))
         _choice("attack.norm", a.norm, ("Linf", "L2"))
         _choice("eval.split", e.split, ("train", "val", "test", "trainval"))
         if t.method == "trades" and a.norm != "Linf":
             raise UserError("train.method=trades uses an L∞ KL attack; set attack.norm=Linf")
+        if t.method == "fgsm_at" and a.norm != "Linf":
+            raise UserError("train.method=fgsm_at is FGSM, an L∞ attack; set attack.norm=Linf")
         _range("attack.eps", a.eps, lo=0.0, lo_open=True, hi=None if a.norm == "L2" else 1.0)
         _range("attack.steps", a.steps, lo=1)
         if a.alpha is not None:
@@ -141,6 +195,8 @@ class RunConfig:
         _range("train.val_attack_steps", t.val_attack_steps, lo=1)
         _range("train.checkpoint_every_steps", t.checkpoint_every_steps, lo=0)
         _range("train.probe_every", t.probe_every, lo=0)
+        for k in t.keep_epochs:
+            _range("train.keep_epochs[]", k, lo=1, hi=t.epochs)
         for m in t.milestones:
             _range("train.milestones[]", m, lo=0.0, hi=1.0)
         _range("data.crop_padding", d.crop_padding, lo=0)
@@ -155,12 +211,25 @@ class RunConfig:
             raise UserError("model.mean and model.std must be given together (or neither)")
         if t.device != "auto" and not (t.device == "cpu" or t.device.startswith("cuda")):
             raise UserError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+        _choice("train.amp", t.amp, ("auto", "bf16", "fp16", "fp32"))
         p = self.prune
-        _choice("prune.method", p.method, ("random", "magnitude", "snip", "grasp", "synflow", "ntt", "awt"))
+        _choice("prune.method", p.method, ("random", "magnitude", "snip", "grasp", "synflow", "ntt", "awt",
+                                           "hydra", "lwm", "imp"))
         _range("prune.density", p.density, lo=0.0, lo_open=True, hi=1.0)
         if p.scope is not None:
             _choice("prune.scope", p.scope, ("global", "layer"))
         _range("prune.min_layer_density", p.min_layer_density, lo=0.0, hi=p.density)
+        from .sparse.structured import parse_structure
+        try:
+            kind, n_keep, m_group = parse_structure(p.structure)
+        except UserError as exc:
+            raise UserError(f"prune.{exc}") from None
+        if kind != "unstructured" and p.method in ("hydra", "lwm", "imp"):
+            raise UserError(f"prune.structure={p.structure} is honoured by the at-init pruners only (random, "
+                            f"magnitude, snip, grasp, synflow, ntt, awt), not by prune.method={p.method}")
+        if kind == "nm" and abs(p.density - n_keep / m_group) > 1e-9:
+            raise UserError(f"prune.structure={p.structure} keeps exactly {n_keep}/{m_group} of the weights; set "
+                            f"prune.density={n_keep / m_group:g}")
         if p.samples is not None:
             _range("prune.samples", p.samples, lo=1)
         _range("prune.synflow_rounds", p.synflow_rounds, lo=1)
@@ -174,13 +243,59 @@ class RunConfig:
         _choice("prune.attack_target", p.attack_target, ("dense", "student"))
         _choice("prune.mode", p.mode, ("weights", "mask_only"))
         _choice("prune.ntk_mode", p.ntk_mode, ("full", "trace", "projected"))
+        if p.init_method is not None:
+            _choice("prune.init_method", p.init_method, ("random", "magnitude", "snip", "grasp", "synflow"))
+        _choice("prune.allocation", p.allocation, ("fixed", "rescope"))
+        _choice("prune.ticket_weights", p.ticket_weights, ("searched", "init"))
+        _range("prune.checkpoint_every", p.checkpoint_every, lo=0)
+        _range("prune.hydra_epochs", p.hydra_epochs, lo=1)
+        _range("prune.hydra_lr", p.hydra_lr, lo=0.0, lo_open=True)
+        _range("prune.hydra_weight_decay", p.hydra_weight_decay, lo=0.0)
+        _choice("prune.hydra_objective", p.hydra_objective, ("trades", "pgd_at"))
+        if p.method == "hydra" and p.hydra_objective == "trades" and a.norm != "Linf":
+            raise UserError("prune.hydra_objective=trades uses an L∞ KL attack; set attack.norm=Linf or "
+                            "prune.hydra_objective=pgd_at")
+        _range("prune.finetune_epochs", p.finetune_epochs, lo=1)
+        _range("prune.finetune_lr", p.finetune_lr, lo=0.0, lo_open=True)
+        _range("prune.imp_rate", p.imp_rate, lo=0.0, lo_open=True, hi=1.0, hi_open=True)
+        _range("prune.imp_rewind_epoch", p.imp_rewind_epoch, lo=0)  # < the dense run's epochs: posttrain checks
+        if p.imp_epochs is not None:
+            _range("prune.imp_epochs", p.imp_epochs, lo=1)
         from .eval.evaluator import parse_suite
         parse_suite(e.suite)
+        parse_suite(p.imp_eval_suite)
+        _validate_ofa(self)
         return self
 
 
 # PyYAML raises these beside YAMLError for malformed explicit tags (e.g. "!!int x", "!!timestamp x")
 _YAML_ERRORS = (yaml.YAMLError, ValueError, KeyError, AttributeError, IndexError, TypeError, OverflowError)
+
+
+def _validate_ofa(cfg: "RunConfig") -> None:
+    o, t = cfg.ofa, cfg.train
+    if not o.lambdas or len(set(o.lambdas)) != len(o.lambdas):
+        raise UserError(f"ofa.lambdas must be a non-empty list of distinct values in [0, 1], got {o.lambdas!r}")
+    for lam in o.lambdas:
+        _range("ofa.lambdas[]", lam, lo=0.0, hi=1.0)
+    _choice("ofa.encoding", o.encoding, ("rand", "scalar"))
+    _range("ofa.encoding_dim", o.encoding_dim, lo=len(o.lambdas))
+    _range("ofa.noise_init", o.noise_init, lo=0.0)
+    _range("ofa.density_clean", o.density_clean, lo=0.0, lo_open=True, hi=1.0)
+    _range("ofa.density_adv", o.density_adv, lo=0.0, lo_open=True, hi=1.0)
+    _choice("ofa.overlap", o.overlap, ("complementary", "nested", "independent"))
+    if o.overlap == "complementary" and o.density_clean + o.density_adv > 1 + 1e-9:
+        raise UserError(f"ofa.overlap=complementary needs ofa.density_clean + ofa.density_adv <= 1 (disjoint masks), "
+                        f"got {o.density_clean} + {o.density_adv}; lower a density or use overlap=independent")
+    _range("ofa.split_from", o.split_from, lo=0)
+    _choice("ofa.mask_source", o.mask_source, ("random", "magnitude", "learned", "awt"))
+    _choice("ofa.mix", o.mix, ("switch", "weight", "logit"))
+    if t.method in ("oat", "float", "smart"):
+        if t.ticket is not None:
+            raise UserError(f"train.method={t.method} builds its own conditional model; train.ticket is for "
+                            "pgd_at/trades/standard (SMART takes AWT tickets via ofa.mask_source=awt)")
+        if t.batch_size < 4:
+            raise UserError(f"train.method={t.method} splits every batch; train.batch_size must be >= 4")
 
 
 def _choice(key, value, allowed):
@@ -250,6 +365,18 @@ def _build(cls, data, prefix=""):
     return cls(**kwargs)
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader without YAML 1.1's base-60 integers, so ``prune.structure=2:4`` stays the string "2:4"
+    (``yaml.safe_load("2:4")`` is 124)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if not (tag == "tag:yaml.org,2002:int" and rx.match("2:4"))]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(
+    r"^(?:[-+]?0b[0-1_]+|[-+]?0[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"), list("-+0123456789"))
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """``["train.epochs=5", "model.options={width: 32}"]`` → nested dict; values parsed as YAML scalars."""
     tree: dict = {}
@@ -258,7 +385,7 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise UserError(f"override {item!r} must look like section.key=value (e.g. train.epochs=5)")
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = yaml.load(raw, Loader=_Loader) if raw.strip() else None
         except _YAML_ERRORS as exc:
             raise UserError(f"override {item!r}: the value is not valid YAML ({exc.__class__.__name__})") from exc
         parts = key.strip().split(".")
@@ -302,13 +429,14 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         real = resolve_config_path(path)
         try:
             with open(real) as fh:
-                data = yaml.safe_load(fh) or {}
+                data = yaml.load(fh, Loader=_Loader) or {}
         except UnicodeDecodeError as exc:
             raise UserError(f"config {path} is not a text (UTF-8) file") from exc
         except _YAML_ERRORS as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise UserError(f"config {path} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from exc
+            problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line, whatever the error
+            raise UserError(f"config {path} is not valid YAML{where}: {problem}") from exc
         except OSError as exc:
             raise UserError(f"cannot read config {path}: {exc.strerror}") from exc
         if not isinstance(data, dict):

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import UserError
+from .runs.atomic import replace_durably, savefig_atomic
 
 FILE = "dynamics.safetensors"
 PROBE_POINTS = 16
@@ -55,7 +56,9 @@ class DynamicsRecorder:
         model.train(was_training)
         tmp = self.path + ".tmp"
         save_file(self.tensors, tmp)
-        os.replace(tmp, self.path)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        replace_durably(tmp, self.path)
 
 
 def dynamics_distances(run_dir: str, dense_dir: str) -> list[dict]:
@@ -98,6 +101,6 @@ def plot_dynamics(runs: dict[str, str], dense_dir: str, path: str) -> str:
         ax.set_xlabel("epoch")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    savefig_atomic(fig, path, dpi=110)
     plt.close(fig)
     return path

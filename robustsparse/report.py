@@ -8,6 +8,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .runs.atomic import savefig_atomic, write_text_atomic  # noqa: E402
+
 
 def plot_curves(rows: list[dict], path: str) -> str:
     """Training curves: loss, and train/val clean/robust accuracy per epoch."""
@@ -29,7 +31,7 @@ def plot_curves(rows: list[dict], path: str) -> str:
     ax_acc.set_ylim(0, 1)
     ax_acc.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    savefig_atomic(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -55,8 +57,7 @@ def write_report(run_dir: str, title: str, config: dict, result, rows: list[dict
         lines += ["## Training curves", "", "![training curves](curves.png)", ""]
     lines += [extra] if extra else []
     path = os.path.join(run_dir, "report.md")
-    with open(path, "w") as fh:
-        fh.write("\n".join(lines))
+    write_text_atomic(path, "\n".join(lines))
     return path
 
 
@@ -67,8 +68,11 @@ def plot_density_robustness(rows: list[dict], path: str) -> str:
     label = rows[0]["attacks"][key]
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
-        pts = sorted((r["density"], r["accuracy"][key]) for r in rows if r["method"] == method)
-        ax.plot(*zip(*pts), marker="o", label=method)
+        cells = [r for r in rows if r["method"] == method]
+        pts = sorted((r["density"], r["accuracy"][key]) for r in cells)
+        after = cells[0].get("family") == "after training"  # pruned after dense training: dotted, squares
+        ax.plot(*zip(*pts), marker="s" if after else "o", linestyle=":" if after else "-",
+                label=f"{method} (after training)" if after else method)
     for r in rows:
         if r["method"] == "dense":
             ax.axhline(r["accuracy"][key], color="black", linestyle="--", label="dense")
@@ -78,6 +82,6 @@ def plot_density_robustness(rows: list[dict], path: str) -> str:
     ax.set_title(label, fontsize=7)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    savefig_atomic(fig, path, dpi=110)
     plt.close(fig)
     return path

@@ -4,6 +4,10 @@ import os
 # OpenMP threads that spin while waiting make torch 10-35x slower whenever another process (a subprocess test,
 # another job) shares the 2 cores; passive waiting costs nothing when the machine is idle.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# One thread per process: the suite starts subprocesses (kill harness, DDP ranks) on 2 cores, and tests that compare
+# a subprocess's result with an in-process one bit for bit need the same thread count (float reduction order) on
+# both sides. Set before torch is imported.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -37,3 +41,18 @@ def robust_digits_model():
             loss.backward()
             opt.step()
     return model.eval()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The kill-anywhere harness's counts (tests/killharness.py), after pytest's own summary."""
+    import sys
+    harness = sys.modules.get("killharness")
+    if harness is None or not harness.COUNTS["cases"]:
+        return
+    c = harness.COUNTS
+    terminalreporter.write_sep("-", "kill-anywhere harness")
+    terminalreporter.write_line(f"kill-anywhere: {c['kills']} SIGKILLs survived; {c['cases']} cases compared equal to "
+                                f"their uninterrupted runs ({c['compared']} tensors, metric rows and flags checked) "
+                                f"in {c['seconds']:.1f} s wall, {c['cpu']:.1f} s CPU in the runs")
+    for name in c["names"]:
+        terminalreporter.write_line(f"  {name}")

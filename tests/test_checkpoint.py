@@ -363,9 +363,11 @@ def test_rs_load_truncated_run(run_copy, which):
 
 
 def test_rs_load_wrong_architecture(run_copy):
+    from robustsparse.runs.checkpoint import _meta_digest
     handle = os.path.join(run_copy, "checkpoints", "best.json")
     meta = json.load(open(handle))
     meta["model_spec"]["options"] = {"width": 16}
+    meta["meta_sha256"] = _meta_digest(meta)  # a consistent handle for another architecture, not a damaged one
     json.dump(meta, open(handle, "w"))
     with pytest.raises(UserError, match="does not fit"):
         rs.load(run_copy)

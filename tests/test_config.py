@@ -64,7 +64,7 @@ def test_to_dict_round_trips():
     cfg = load_config("digits_pgdat", ["train.milestones=[0.3, 0.6]", "model.mean=[0.5]", "model.std=[0.25]",
                                        "eval.n=17", "attack.alpha=0.02"])
     d = cfg.to_dict()
-    assert set(d) == {"data", "model", "attack", "train", "prune", "eval"}
+    assert set(d) == {"data", "model", "attack", "train", "prune", "eval", "ofa"}
     again = config_from_dict(d)
     assert again == cfg and again.to_dict() == d
     # also through YAML text, as a run folder's config.yaml stores it

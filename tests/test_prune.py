@@ -72,6 +72,51 @@ def test_awt_search_variants_run_and_keep_exact_density(tmp_path, overrides):
     assert log and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
 
 
+def test_fixed_allocation_keeps_the_initial_layer_counts_and_rescope_may_not(tmp_path):
+    base = TINY + ["prune.method=awt", "prune.density=0.05", "prune.scope=global", "prune.init_method=magnitude",
+                   "prune.search_iters=6",
+                   "prune.mask_update_every=2", "prune.search_lr=0.05"]
+    magnitude = prune_to_folder(load_config("digits_pgdat", TINY + ["prune.method=magnitude", "prune.density=0.05"]),
+                                str(tmp_path / "m"), progress=False).mask
+    fixed = prune_to_folder(load_config("digits_pgdat", base), str(tmp_path / "f"), progress=False).mask
+    counts = {n: int(m.sum()) for n, m in magnitude.items()}
+    assert {n: int(m.sum()) for n, m in fixed.items()} == counts  # same per-layer budget as global |θ₀| ...
+    assert any(not torch.equal(fixed[n], magnitude[n]) for n in counts)  # ... but the search chose other weights
+    rescope = prune_to_folder(load_config("digits_pgdat", base + ["prune.allocation=rescope"]),
+                              str(tmp_path / "r"), progress=False).mask
+    assert rescope.kept() == fixed.kept()
+
+
+def test_ticket_weights_init_keeps_theta0_on_the_searched_mask(tmp_path):
+    cfg = load_config("digits_pgdat", TINY + ["prune.method=awt", "prune.density=0.1", "prune.ticket_weights=init"])
+    ticket = prune_to_folder(cfg, str(tmp_path / "t"), progress=False)
+    torch.manual_seed(cfg.train.seed)
+    theta0 = rs.build_model("cnn", 1, 10, (8, 8), width=8).state_dict()
+    for name, m in ticket.mask.items():
+        assert torch.equal(ticket.state[name], theta0[name] * m)
+
+
+def test_awt_search_killed_mid_way_resumes_to_the_same_ticket(tmp_path):
+    import subprocess
+    import sys
+    args = ["prune", "digits_pgdat", *TINY, "prune.search_iters=9", "prune.checkpoint_every=2", "--method", "awt",
+            "--density", "0.1", "--out"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = lambda a, extra=None: subprocess.run([sys.executable, "-m", "robustsparse", *a],  # noqa: E731
+                                               env={**env, **(extra or {})}, capture_output=True, text=True,
+                                               timeout=300)
+    assert run(args + [str(tmp_path / "ref")]).returncode == 0
+    dead = run(args + [str(tmp_path / "k")], {"ROBUSTSPARSE_KILL_AT_STEP": "5"})
+    assert dead.returncode == -9, dead.stderr
+    assert os.path.exists(tmp_path / "k" / "search-state" / "search.json")
+    resumed = run(["prune", "--resume", "--out", str(tmp_path / "k")])
+    assert resumed.returncode == 0, resumed.stderr
+    (a, _), (b, _) = load_ticket(str(tmp_path / "ref")), load_ticket(str(tmp_path / "k"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not os.path.exists(tmp_path / "k" / "search-state")  # cleaned up once the ticket is written
+    assert main(["prune", "--resume", "--out", str(tmp_path / "nothing")]) == 2
+
+
 def test_prune_cli_and_refusals(tmp_path, capsys):
     out = tmp_path / "t"
     assert main(["prune", "digits_pgdat", *TINY, "--method", "magnitude", "--density", "0.2", "--out",

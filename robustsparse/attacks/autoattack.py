@@ -77,20 +77,30 @@ def _still_correct(model, x_adv, y, batch_size):
 
 def run_component(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, robust: torch.Tensor,
                   eps: float, norm: str, num_classes: int, batch_size: int = 500, seed: int = 0,
-                  progress=None) -> torch.Tensor:
-    """Attack the points flagged robust with one component; return the updated robust flags (bool, (N,))."""
+                  progress=None, chunks=None) -> torch.Tensor:
+    """Attack the points flagged robust with one component; return the updated robust flags (bool, (N,)).
+
+    ``chunks(robust, attack_chunk) -> flags``, if given, runs the loop over chunks instead (the evaluator's
+    resumable one, eval/state.py); each component reseeds itself on every call, so a chunk's result depends on
+    that chunk only."""
     robust = robust.clone()
     idx = robust.nonzero().flatten()
     if len(idx) == 0:
         return robust
     atk = build_component(name, model, eps, norm, num_classes, seed)
+
+    def attack_chunk(chunk):
+        xb, yb = x[chunk], y[chunk]
+        x_adv = atk(xb, yb)
+        x_adv = (xb + project(x_adv - xb, eps, norm)).clamp(0.0, 1.0)
+        return _still_correct(model, x_adv, yb, batch_size)
+
     with attack_mode(model):
+        if chunks is not None:
+            return chunks(robust, attack_chunk)
         for start in range(0, len(idx), batch_size):
             chunk = idx[start:start + batch_size]
-            xb, yb = x[chunk], y[chunk]
-            x_adv = atk(xb, yb)
-            x_adv = (xb + project(x_adv - xb, eps, norm)).clamp(0.0, 1.0)
-            robust[chunk] = _still_correct(model, x_adv, yb, batch_size)
+            robust[chunk] = attack_chunk(chunk)
             if progress is not None:
                 progress(len(chunk))
     return robust

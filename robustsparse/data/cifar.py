@@ -11,25 +11,25 @@ Both official distributions are accepted (binary preferred when both are present
 Pixels are stored as the red, green, then blue 32x32 plane, each row-major (CHW order). ``root`` may be the batches
 folder itself or the folder that contains it.
 
-Security: the python batches are pickles, and unpickling runs whatever callables the file names. They are read with
-the "restricted unpickler" recipe from the Python ``pickle`` documentation: ``find_class`` resolves only the few names
-these files use (numpy's ``_reconstruct``, ``numpy.ndarray``, ``numpy.dtype``, and ``_codecs.encode``/``bytes`` that
-protocol 2 uses for byte strings) and maps each to an inert stand-in defined in this module, never to the real
-callable; every other name is refused. A pickle can only call what ``find_class`` hands out, so nothing outside this
-module can run. The stand-ins rebuild the pixel array with ``np.frombuffer`` after checking dtype, shape and size.
+Security: the python batches are pickles, and unpickling runs whatever callables the file names. They are never
+unpickled: ``pickle_subset.py`` reads the stream with its own small stack machine for the few opcodes such files use
+(protocols 2 to 4), and the only names it resolves are the ones these files refer to (numpy's ``_reconstruct``,
+``numpy.ndarray``, ``numpy.dtype``, and ``_codecs.encode``/``bytes`` that protocol 2 uses for byte strings), each
+mapped to an inert stand-in defined in this module; every other name and opcode is refused. The stand-ins rebuild
+the pixel array with ``np.frombuffer`` after checking dtype, shape and size.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import pickle
 
 import numpy as np
 import torch
 
 from robustsparse.errors import UserError
 
+from . import pickle_subset
 from .registry import DatasetSpec
 
 _RECORD = 3072
@@ -46,7 +46,7 @@ _LAYOUT = {
 }
 
 
-# ---- restricted unpickler: inert stand-ins for the only names CIFAR python batches refer to ----
+# ---- inert stand-ins for the only names CIFAR python batches refer to (read by pickle_subset, never unpickled) ----
 
 class _Refused(Exception):
     pass
@@ -116,20 +116,10 @@ _STAND_INS = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) not in _STAND_INS:
-            raise _Refused(f"it refers to {module}.{name}, which was refused (nothing was run)")
-        return _STAND_INS[(module, name)]
-
-    def persistent_load(self, pid):
-        raise _Refused("persistent id")
-
-
 def _read_python(path: str, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     try:
         with open(path, "rb") as f:
-            batch = _RestrictedUnpickler(f, encoding="bytes").load()
+            batch = pickle_subset.load(f.read(), _STAND_INS, buildable=(_Array, _Dtype))
         if not isinstance(batch, dict):
             raise _Refused("top-level object is not a dict")
         batch = {_text(k): v for k, v in batch.items()}
@@ -149,7 +139,7 @@ def _read_python(path: str, label_key: str) -> tuple[np.ndarray, np.ndarray]:
             raise _Refused(f"'{label_key}' must hold one integer per row of 'data'")
     except OSError as e:
         raise UserError(f"cannot read CIFAR batch {path}: {e}") from None
-    except Exception as e:  # _Refused, or anything a malformed stream makes the unpickler raise
+    except Exception as e:  # Refused/_Refused, or anything a malformed stream makes the stand-ins raise
         raise UserError(f"{path} is not a CIFAR python batch: {e}") from None
     return x.reshape(-1, 3, 32, 32), y.astype(np.int64)
 

@@ -27,7 +27,7 @@ from ..attacks.pgd import PGD
 from ..errors import UserError
 from ..progress import progress_bar
 from . import checks
-from .state import EvalState
+from .state import EvalState, model_digest
 
 _PGD = re.compile(r"^pgd-(\d+)(?:x(\d+))?$")
 
@@ -105,17 +105,19 @@ def _correct(model, x, y, batch_size):
                           for i in range(0, len(y), batch_size)])
 
 
-def _attack_flags(attack, model, x, y, clean_ok, batch_size, bar):
-    robust = clean_ok.clone()
-    idx = clean_ok.nonzero().flatten()
-    for start in range(0, len(idx), batch_size):
-        chunk = idx[start:start + batch_size]
+def _attack_flags(attack, model, x, y, clean_ok, batch_size, chunks):
+    """Flags after ``attack`` on the clean-correct points; ``chunks`` runs the resumable chunk loop (state.py)."""
+    def attack_chunk(chunk):
         xb, yb = x[chunk], y[chunk]
         x_adv = attack(xb, yb)
         _check_budget(x_adv, xb, attack.eps, attack.norm)
-        robust[chunk] = _correct(model, x_adv, yb, batch_size)
-        bar.update(len(chunk))
-    return robust
+        return _correct(model, x_adv, yb, batch_size)
+    return chunks(clean_ok, attack_chunk)
+
+
+def _chunk_runner(state, state_path, key, batch_size, seed, bar):
+    return lambda robust, attack_chunk: state.run_chunks(key, robust, batch_size, attack_chunk, state_path,
+                                                         seed=seed, progress=bar.update)
 
 
 def _check_budget(x_adv, x, eps, norm):
@@ -150,7 +152,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite="clean,pg
     x, y = x.to(device), y.to(device)
     num_classes = int(num_classes or int(y.max()) + 1)
     signature = {"suite": items, "eps": eps, "norm": norm, "n": len(y), "seed": seed,
-                 "labels_sum": int(y.sum()), "x_sum": round(float(x.double().sum()), 4)}
+                 "labels_sum": int(y.sum()), "x_sum": round(float(x.double().sum()), 4),
+                 "model": model_digest(model) if state_path else None}  # hashing the weights only when it matters
     state = EvalState.open(state_path, signature)
     torch.manual_seed(seed)
     warnings: list[str] = []
@@ -174,16 +177,17 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite="clean,pg
         else:
             desc = describe_item(item, eps, norm, num_classes)
             with progress_bar(total=int(clean_ok.sum()), desc=desc, enabled=progress) as bar:
+                chunks = _chunk_runner(state, state_path, item, batch_size, seed, bar)
                 if item in COMPONENTS:
                     flags[item] = run_component(item, model, x, y, clean_ok, eps, norm, num_classes, batch_size,
-                                                seed, progress=bar.update)
+                                                seed, chunks=chunks)
                 else:
                     if item == "fgsm":
                         attack = FGSM(model, eps)
                     else:
                         steps, restarts = _pgd_budget(item)
                         attack = PGD(model, eps, steps=steps, norm=norm, restarts=restarts)
-                    flags[item] = _attack_flags(attack, model, x, y, clean_ok, batch_size, bar)
+                    flags[item] = _attack_flags(attack, model, x, y, clean_ok, batch_size, chunks)
         if item not in state.flags:
             state.flags[item] = flags[item].tolist()
             state.seconds[item] = time.perf_counter() - start
@@ -221,7 +225,7 @@ def _autoattack(model, x, y, clean_ok, eps, norm, num_classes, batch_size, seed,
             desc = describe_component(name, eps, norm, num_classes)
             with progress_bar(total=int(robust.sum()), desc=desc, enabled=progress) as bar:
                 robust = run_component(name, model, x, y, robust, eps, norm, num_classes, batch_size, seed,
-                                       progress=bar.update)
+                                       chunks=_chunk_runner(state, state_path, key, batch_size, seed, bar))
             state.flags[key] = robust.tolist()
             state.seconds[key] = time.perf_counter() - start
             state.save(state_path)

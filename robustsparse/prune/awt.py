@@ -17,5 +17,5 @@ from .search import ntk_search
 
 
 @register_pruner("awt")
-def prune(model, cfg, x, y):
-    return ntk_search(model, cfg, x, y, points=cfg.prune.points)
+def prune(model, cfg, x, y, state_dir=None, progress=True):
+    return ntk_search(model, cfg, x, y, points=cfg.prune.points, state_dir=state_dir, progress=progress)

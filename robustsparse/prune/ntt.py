@@ -9,5 +9,5 @@ from .search import ntk_search
 
 
 @register_pruner("ntt")
-def prune(model, cfg, x, y):
-    return ntk_search(model, cfg, x, y, points="clean")
+def prune(model, cfg, x, y, state_dir=None, progress=True):
+    return ntk_search(model, cfg, x, y, points="clean", state_dir=state_dir, progress=progress)

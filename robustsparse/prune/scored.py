@@ -1,7 +1,8 @@
 """Score-and-threshold pruners at initialisation: random, magnitude, SNIP, GraSP, SynFlow (method-notes §5.4).
 
 Each scores every prunable weight (scores.py and one file per method), then keeps the top ``density`` fraction
-(global by default, as in the Synaptic-Flow code) with the layer-collapse guard of ``masks_from_scores``. SynFlow is
+(global by default, as in the Synaptic-Flow code) with the layer-collapse guard of ``masks_from_scores``, in the
+shape ``prune.structure`` asks for (`robustsparse.sparse.structured`). SynFlow is
 iterative: ``synflow_rounds`` rounds with the exponential schedule density^(t/T). The ticket's weights are θ₀.
 """
 from __future__ import annotations
@@ -11,7 +12,8 @@ import functools
 import torch
 
 from ..progress import progress_bar
-from ..sparse import Mask, apply_mask, masks_from_scores
+from ..sparse import Mask, apply_mask
+from ..sparse.structured import select_mask, structured_masks
 from . import grasp, magnitude, random_prune, snip, synflow
 from .registry import Ticket, register_pruner, scope_of
 
@@ -35,7 +37,7 @@ def _one_shot(scorer, needs_data: bool):
         batches = _batches(cfg, x, y, num_classes) if needs_data else None
         opts = {"seed": cfg.prune.seed} if scorer is random_prune.score else {}
         scores = scorer(model, batches, **opts)
-        mask = masks_from_scores(scores, cfg.prune.density, scope_of(cfg), cfg.prune.min_layer_density)
+        mask = select_mask(scores, cfg.prune, scope_of(cfg))  # prune.structure: unstructured, channel or N:M
         return _ticket_from_mask(model, mask)
     return prune
 
@@ -48,7 +50,8 @@ register_pruner("grasp")(_one_shot(grasp.score, needs_data=True))
 
 @register_pruner("synflow")
 def prune_synflow(model, cfg, x, y):
-    select = functools.partial(masks_from_scores, min_layer_density=cfg.prune.min_layer_density)
+    select = functools.partial(structured_masks, min_layer_density=cfg.prune.min_layer_density,
+                               structure=cfg.prune.structure)
     with progress_bar(total=cfg.prune.synflow_rounds, desc="SynFlow rounds", unit="round") as bar:
         masks = synflow.synflow_iterative(model, cfg.prune.density, rounds=cfg.prune.synflow_rounds,
                                           input_shape=tuple(x.shape[1:]), scope=scope_of(cfg),

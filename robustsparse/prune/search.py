@@ -22,10 +22,22 @@ not in NTT/AWT].
 
 All forward passes (attack, outputs, NTK) run in eval mode: the NTK of a BN network is taken with its running
 statistics, which at initialisation are (0, 1).
+
+``prune.allocation`` [INFERRED; our option]: ``fixed`` keeps each layer's kept count at the initial mask's (the
+top-d |θ₀| in ``prune.scope``) and lets the updates choose WHICH weights within each layer; ``rescope`` re-ranks
+in ``prune.scope`` at every update. Adam moves every weight by about the same absolute amount whatever its
+scale, so a global re-ranking drifts towards uniform layer densities, which starve the small first layers.
+``prune.init_method`` names the at-init scorer whose mask starts the search (NTT: magnitude; AWT: SynFlow).
+``prune.ticket_weights``: ``searched`` (NTT: the ticket starts from m⊙θ_s) or ``init`` (m⊙θ₀).
+
+Resumable: every ``prune.checkpoint_every`` iterations the state (weights or scores, Adam, mask, log) is saved
+to ``state_dir``; each iteration is seeded from (seed, iteration), so a resumed search equals an uninterrupted one.
 """
 from __future__ import annotations
 
 import copy
+import os
+import signal
 import time
 
 import torch
@@ -34,12 +46,39 @@ from torch.func import functional_call, grad, vmap
 from ..attacks.pgd import PGD
 from ..ntk import empirical_ntk
 from ..progress import progress_bar
-from ..sparse import Mask, apply_mask, masks_from_scores, prunable_parameters
-from .registry import Ticket, scope_of
+from ..runs.checkpoint import load_checkpoint, save_checkpoint
+from ..sparse import Mask, apply_mask, prunable_parameters
+from ..sparse.mask import _top
+from .registry import Ticket, init_method_of, scope_of
+
+KILL_AT_ITER_ENV = "ROBUSTSPARSE_KILL_AT_STEP"  # the trainer's fault injection, read as a search iteration here
+STATE_LABEL = "search"
 
 
 def _select(scores: dict, cfg, scope: str) -> Mask:
-    return masks_from_scores(scores, cfg.prune.density, scope, cfg.prune.min_layer_density)
+    from ..sparse.structured import select_mask  # honours prune.structure (unstructured, channel, N:M)
+    return select_mask(scores, cfg.prune, scope)
+
+
+def _select_fixed(scores: dict, counts: dict) -> Mask:
+    """Each layer keeps its own top ``counts[name]`` scores (exact, deterministic ties)."""
+    return Mask._trusted({n: _top(s.detach().flatten(), counts[n]).reshape(s.shape).float()
+                          for n, s in scores.items()})
+
+
+def _initial_mask(model, cfg, x, y, scope, theta0, names) -> Mask:
+    """NTT starts from the top-d |θ₀|; ``prune.init_method`` may name another at-init scorer (same scope)."""
+    method = init_method_of(cfg)
+    if method == "magnitude":
+        return _select({n: theta0[n].abs() for n in names}, cfg, scope)
+    from .registry import PRUNERS
+    init_cfg = copy.deepcopy(cfg)
+    init_cfg.prune.method, init_cfg.prune.scope = method, scope
+    return PRUNERS[method](model, init_cfg, x, y).mask
+
+
+def _iter_seed(seed: int, it: int) -> int:
+    return (seed * 1_000_003 + it * 7919 + 17) % (2 ** 63)
 
 
 def projected_ntk(model, params: dict, x1, x2, v, masks: dict) -> torch.Tensor:
@@ -59,8 +98,9 @@ def _ntk(model, params, x1, x2, mode, v, differentiable, masks):
     return empirical_ntk(model, x1, x2, params=params, mode=mode, differentiable=differentiable, masks=masks)
 
 
-def ntk_search(model, cfg, x, y, points: str) -> Ticket:
-    """Run the search on ``model`` (dense, at θ₀; not modified). ``points``: clean | adversarial | both."""
+def ntk_search(model, cfg, x, y, points: str, state_dir: str | None = None, progress: bool = True) -> Ticket:
+    """Run the search on ``model`` (dense, at θ₀; not modified). ``points``: clean | adversarial | both.
+    ``state_dir``: where to keep the resumable state (None: not resumable)."""
     p, a = cfg.prune, cfg.attack
     scope = scope_of(cfg)
     teacher = copy.deepcopy(model).eval()
@@ -69,23 +109,30 @@ def ntk_search(model, cfg, x, y, points: str) -> Ticket:
     student = copy.deepcopy(model).eval()
     names = list(prunable_parameters(student))
     theta0 = {n: q.detach().clone() for n, q in student.named_parameters()}
-    mask = _select({n: theta0[n].abs() for n in names}, cfg, scope)
+    mask = _initial_mask(model, cfg, x, y, scope, theta0, names)
+    counts = {n: int(m.sum()) for n, m in mask.items()}
+    fixed = p.allocation == "fixed" and getattr(p, "structure", "unstructured") == "unstructured"
+
+    def reselect(scores):
+        return _select_fixed(scores, counts) if fixed else _select(scores, cfg, scope)
+
     mask_only = p.mode == "mask_only"
     if mask_only:
         for q in student.parameters():
             q.requires_grad_(False)
         scores = {n: theta0[n].abs().clone().requires_grad_(True) for n in names}
-        optimizer = torch.optim.Adam(scores.values(), lr=p.search_lr)
+        trained = scores
     else:
-        optimizer = torch.optim.Adam(student.parameters(), lr=p.search_lr)
+        trained = dict(student.named_parameters())
+    optimizer = torch.optim.Adam(trained.values(), lr=p.search_lr)
     attack_model = copy.deepcopy(model).eval() if p.attack_target == "student" else teacher
     attack = PGD(attack_model, a.eps, steps=a.steps, alpha=cfg.train_alpha, norm=a.norm)
-    gen = torch.Generator().manual_seed(p.seed)
-    torch.manual_seed(p.seed)
-    log, started = [], time.perf_counter()
     teacher_params = dict(teacher.named_parameters())
     with torch.no_grad():
         f_t_dim = teacher(x[:1]).shape[1]
+    start, log, spent = 0, [], 0.0
+    if state_dir is not None and os.path.exists(os.path.join(state_dir, f"{STATE_LABEL}.json")):
+        start, log, spent, mask = _load_state(state_dir, trained, optimizer, mask)
 
     def effective_params():
         if mask_only:
@@ -97,10 +144,17 @@ def ntk_search(model, cfg, x, y, points: str) -> Ticket:
         params = dict(student.named_parameters())
         return {n: (q * mask[n] if n in mask else q) for n, q in params.items()}
 
-    with progress_bar(total=p.search_iters, desc=f"{cfg.prune.method} search", unit="it") as bar:
-        for it in range(p.search_iters):
-            bar.update(1)
-            idx = torch.randint(len(y), (p.search_batch,), generator=gen)
+    kill_at = int(os.environ.get(KILL_AT_ITER_ENV, "-1"))
+    started = time.perf_counter() - spent
+    with progress_bar(total=p.search_iters, initial=start, desc=f"{cfg.prune.method} search", unit="it",
+                      enabled=progress) as bar:
+        for it in range(start, p.search_iters):
+            if it == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            seed = _iter_seed(p.seed, it)
+            torch.manual_seed(seed)  # the attack's random start
+            gen = torch.Generator().manual_seed(seed)
+            idx = torch.randint(len(y), (p.search_batch,), generator=gen).to(y.device)
             xb, yb = x[idx], y[idx]
             if points == "clean":
                 pts = xb
@@ -132,18 +186,54 @@ def ntk_search(model, cfg, x, y, points: str) -> Ticket:
             loss.backward()
             optimizer.step()
             if mask_only:
-                mask = _select({n: s.detach() for n, s in scores.items()}, cfg, scope)
+                mask = reselect({n: s.detach() for n, s in scores.items()})
             elif (it + 1) % p.mask_update_every == 0 and it + 1 < p.search_iters:
-                mask = _select({n: q.detach().abs() for n, q in student.named_parameters() if n in mask},
-                               cfg, scope)
+                mask = reselect({n: q.detach().abs() for n, q in student.named_parameters() if n in mask})
             if it % 10 == 0 or it + 1 == p.search_iters:
                 log.append({"iter": it, "loss": loss.item(), "output": out_loss.item(), "ntk": ntk_loss.item(),
                             "seconds": time.perf_counter() - started})
+            bar.update(1)
+            if state_dir is not None and p.checkpoint_every and (it + 1) % p.checkpoint_every == 0 \
+                    and it + 1 < p.search_iters:
+                _save_state(state_dir, it + 1, log, time.perf_counter() - started, trained, optimizer, mask)
 
-    final = {k: v.detach().clone() for k, v in (theta0 if mask_only else dict(student.named_parameters())).items()}
+    if mask_only or p.ticket_weights == "init":
+        final = {k: v.clone() for k, v in theta0.items()}
+    else:
+        final = {k: v.detach().clone() for k, v in student.named_parameters()}
     ticket_model = copy.deepcopy(model)
     ticket_model.load_state_dict({**ticket_model.state_dict(), **final})
     apply_mask(ticket_model, mask)
     state = {k: v.detach().clone() for k, v in ticket_model.state_dict().items()}
     return Ticket(mask=mask, state=state, info={"points": points, "mode": p.mode, "iters": p.search_iters,
-                                                 "log": log})
+                                                 "allocation": p.allocation, "init_method": init_method_of(cfg),
+                                                 "ticket_weights": p.ticket_weights,
+                                                 "search_seconds": time.perf_counter() - started, "log": log})
+
+
+def _save_state(folder, it, log, seconds, trained: dict, optimizer, mask: Mask) -> None:
+    tensors = {f"trained.{n}": q.detach() for n, q in trained.items()}
+    tensors.update({f"mask.{n}": m for n, m in mask.items()})
+    names = list(trained)
+    for i, st in optimizer.state_dict()["state"].items():
+        for key, val in st.items():
+            tensors[f"optim.{names[i]}.{key}"] = val if torch.is_tensor(val) else torch.tensor(val)
+    save_checkpoint(folder, STATE_LABEL, tensors, {"iteration": it, "log": log, "seconds": seconds})
+
+
+def _load_state(folder, trained: dict, optimizer, mask: Mask):
+    tensors, meta = load_checkpoint(os.path.join(folder, f"{STATE_LABEL}.json"))
+    with torch.no_grad():
+        for n, q in trained.items():
+            q.copy_(tensors[f"trained.{n}"])
+    names = list(trained)
+    sd = optimizer.state_dict()
+    sd["state"] = {}
+    for i, n in enumerate(names):
+        keys = [k.split(".")[-1] for k in tensors if k.startswith(f"optim.{n}.")]
+        if keys:
+            sd["state"][i] = {k: tensors[f"optim.{n}.{k}"].clone() for k in keys}
+    optimizer.load_state_dict(sd)
+    device = next(iter(trained.values())).device
+    new_mask = Mask._trusted({n: tensors[f"mask.{n}"].to(device) for n in mask.keys()})
+    return meta["iteration"], meta["log"], meta["seconds"], new_mask

@@ -4,19 +4,26 @@ A checkpoint is a pair: ``<label>.json`` (the handle: metadata, library version,
 SHA-256) and ``<label>.<hash12>.safetensors`` (model, optimizer and RNG tensors). Writing is crash-safe: the
 weights go to a new, content-named file (temp file, fsync, rename), then the JSON handle is replaced atomically,
 then the old weights file is removed. A kill at any point leaves the previous handle pointing at intact weights.
-Loading verifies the hash, so a truncated or altered weights file is refused with a clear message.
+Loading verifies the hash, so a truncated or altered weights file is refused with a clear message. The handle
+carries a second hash, ``meta_sha256``, over its own canonical JSON (every other field), so a handle edited by hand
+or damaged on disk is refused too. Both are integrity checks against accidents, not signatures: whoever can write
+the folder can recompute them. Handles written before ``meta_sha256`` existed are read without that check.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from ..errors import UserError
+from .atomic import replace_durably, write_json_atomic
+
+__all__ = ["save_checkpoint", "load_checkpoint", "read_meta", "find_checkpoint", "write_json_atomic", "FORMAT"]
 
 FORMAT = "robustsparse-checkpoint/1"
 
@@ -34,22 +41,10 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def _fsync_replace(tmp: str, final: str) -> None:
-    os.replace(tmp, final)
-    dir_fd = os.open(os.path.dirname(final) or ".", os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def write_json_atomic(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    _fsync_replace(tmp, path)
+def _meta_digest(meta: dict) -> str:
+    """SHA-256 of the handle's canonical JSON without its own ``meta_sha256`` field."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def save_checkpoint(folder: str, label: str, tensors: dict[str, torch.Tensor], meta: dict) -> str:
@@ -63,11 +58,16 @@ def save_checkpoint(folder: str, label: str, tensors: dict[str, torch.Tensor], m
         os.fsync(fh.fileno())
     digest = _sha256(tmp)
     weights = f"{label}.{digest[:12]}.safetensors"
-    _fsync_replace(tmp, os.path.join(folder, weights))
-    write_json_atomic(handle, {**meta, "format": FORMAT, "label": label, "library_version": _version(),
-                               "weights": weights, "sha256": digest})
-    if old_weights and old_weights != weights and os.path.exists(os.path.join(folder, old_weights)):
-        os.remove(os.path.join(folder, old_weights))
+    replace_durably(tmp, os.path.join(folder, weights))
+    record = {**meta, "format": FORMAT, "label": label, "library_version": _version(), "weights": weights,
+              "sha256": digest}
+    record["meta_sha256"] = _meta_digest(json.loads(json.dumps(record)))  # hash what a reader will parse
+    write_json_atomic(handle, record)
+    # the previous weights, and any left by a kill between a weights rename and its handle's (never referenced)
+    stale = re.compile(rf"^{re.escape(label)}\.[0-9a-f]{{12}}\.safetensors$")
+    for name in os.listdir(folder):
+        if name != weights and (name == old_weights or stale.match(name)):
+            os.remove(os.path.join(folder, name))
     return handle
 
 
@@ -93,6 +93,9 @@ def read_meta(handle: str) -> dict:
     for key in ("weights", "sha256"):
         if not isinstance(meta.get(key), str) or "/" in meta[key] or "\\" in meta[key]:
             raise UserError(f"checkpoint {handle} lacks a valid {key!r} entry; it is damaged")
+    if "meta_sha256" in meta and meta["meta_sha256"] != _meta_digest(meta):
+        raise UserError(f"checkpoint handle {handle} was edited or damaged after it was written: its fields do not "
+                        "match the hash recorded in it (meta_sha256); refusing to load it")
     return meta
 
 
@@ -107,7 +110,7 @@ def load_checkpoint(handle: str) -> tuple[dict[str, torch.Tensor], dict]:
                         "the file is truncated or was modified; refusing to load it")
     try:
         tensors = load_file(weights)
-    except (SafetensorError, OSError) as exc:  # pragma: no cover - the hash check catches truncation first
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:  # written so, or hashed after damage
         raise UserError(f"checkpoint weights {weights} are not a valid safetensors file ({exc})") from exc
     return tensors, meta
 
@@ -132,3 +135,39 @@ def find_checkpoint(path: str, prefer: str = "best") -> str:
     if path.endswith(".json"):
         return path
     raise UserError(f"{path} is not a run folder, a checkpoint .json or a .safetensors file")
+
+
+def newest_intact(folder: str) -> tuple[dict[str, torch.Tensor], dict, str, list[str]] | None:
+    """The training checkpoint in ``folder`` with the most progress (epoch, step; ``last`` first on a tie) whose
+    handle and weights verify: (tensors, meta, handle, problems), where ``problems`` are the messages of every
+    checkpoint refused on the way. None if the folder holds no checkpoint at all; a ``UserError`` naming each
+    damaged file if it holds only damaged ones.
+
+    Falling back is exact for the trainer: every checkpoint it writes (``last``, ``best``, ``epoch-<k>``) holds the
+    full training state at an epoch or step boundary, and training from there is a pure function of that state.
+    """
+    if not os.path.isdir(folder):
+        return None
+    problems, candidates = [], []
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".json") or name.startswith("."):
+            continue
+        handle = os.path.join(folder, name)
+        try:
+            meta = read_meta(handle)
+        except UserError as exc:
+            problems.append(str(exc))
+            continue
+        progress = (meta.get("epoch"), meta.get("step"))
+        if all(type(v) is int for v in progress) and "optimizer_param_groups" in meta:
+            candidates.append((progress, meta.get("label") == "last", handle))
+    for _, _, handle in sorted(candidates, reverse=True):
+        try:
+            tensors, meta = load_checkpoint(handle)
+        except UserError as exc:
+            problems.append(str(exc))
+            continue
+        return tensors, meta, handle, problems
+    if problems:
+        raise UserError(f"no intact checkpoint to resume from in {folder}: " + " | ".join(problems))
+    return None

@@ -5,7 +5,7 @@ import json
 import os
 import time
 
-from .checkpoint import write_json_atomic
+from .atomic import write_json_atomic, write_text_atomic
 
 
 class MetricsLog:
@@ -16,10 +16,7 @@ class MetricsLog:
         self.rows = read_metrics(run_dir)
         if resume_epoch is not None:
             self.rows = [r for r in self.rows if r["epoch"] < resume_epoch]
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as fh:
-                fh.writelines(json.dumps(r) + "\n" for r in self.rows)
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -32,6 +29,7 @@ class MetricsLog:
         with open(self.path, "a") as fh:
             fh.write(json.dumps(row) + "\n")
             fh.flush()
+            os.fsync(fh.fileno())  # durable before the epoch's checkpoint is, so a resume never skips a row
         if self.tb is not None:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key not in ("epoch", "step"):
@@ -64,7 +62,12 @@ def write_status(run_dir: str, **fields) -> None:
     path = os.path.join(run_dir, "run.json")
     data = {}
     if os.path.exists(path):
-        with open(path) as fh:
-            data = json.load(fh)
+        try:
+            with open(path) as fh:
+                data = json.load(fh)
+        except ValueError:  # damaged by hand (it is written atomically): the fields below rebuild it
+            data = {}
+        if not isinstance(data, dict):
+            data = {}
     data.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
     write_json_atomic(path, data)

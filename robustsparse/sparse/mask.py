@@ -164,7 +164,10 @@ class Mask:
         tmp = f"{path}.tmp"
         save_file({k: t.contiguous().cpu() for k, t in self._t.items()}, tmp,
                   metadata={"format": MASK_FORMAT, "density": repr(self.density())})
-        os.replace(tmp, path)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        from ..runs.atomic import replace_durably
+        replace_durably(tmp, path)
 
     @classmethod
     def load(cls, path: str) -> "Mask":

@@ -3,6 +3,7 @@
     standard : L = CE(f(x), y)
     pgd_at   : L = CE(f(x*), y),  x* = PGD-k(x)                                         (Madry et al., 2018)
     trades   : L = CE(f(x), y) + β · KL(softmax f(x) ‖ softmax f(x*)),  x* = KL-PGD-k(x) (Zhang et al., 2019)
+    fgsm_at  : L = CE(f(x*), y),  x* = FGSM with random start, α = 1.25ε  (Wong et al., 2020; in fgsm_at.py)
 
 Attacks run in eval mode with parameter gradients off (attacks/base.py); the loss is then computed in the mode the
 trainer set (train). Accuracy counts stay on the device as tensors so the step never synchronises with the host.
@@ -78,3 +79,7 @@ def trades(model, cfg: RunConfig):
 
 def build_objective(model, cfg: RunConfig):
     return OBJECTIVES[cfg.train.method](model, cfg)
+
+
+from . import fgsm_at  # noqa: E402,F401  one file per objective; importing it registers it
+from .. import ofa as _ofa  # noqa: E402,F401  once-for-all objectives: oat, float, smart (robustsparse/ofa/)

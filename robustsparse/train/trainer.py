@@ -21,12 +21,15 @@ import yaml
 from ..config import RunConfig, config_from_dict
 from ..data import augment, dataset_spec, load_dataset
 from ..errors import UserError
-from ..eval import evaluate
 from ..models import build_model
 from ..progress import progress_bar
 from ..prune.ticket import load_model_state
-from ..runs.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from ..runs.atomic import write_yaml_atomic
+from ..runs.checkpoint import newest_intact, save_checkpoint
 from ..runs.logger import MetricsLog, write_status
+from .distributed import RowsOnly
+from .engine import Engine
+from .guards import TrainingGuard
 from .objectives import build_objective
 from .schedule import lr_at
 
@@ -57,12 +60,21 @@ def model_spec(cfg: RunConfig) -> dict:
     spec = dataset_spec(cfg.data.name, **cfg.data.options)
     return {"name": cfg.model.name, "in_channels": spec.channels, "num_classes": spec.num_classes,
             "input_size": list(spec.size), "mean": cfg.model.mean, "std": cfg.model.std,
-            "options": dict(cfg.model.options)}
+            "options": dict(cfg.model.options), **_ofa_spec(cfg)}
+
+
+def _ofa_spec(cfg: RunConfig) -> dict:
+    from ..ofa import ofa_spec  # once-for-all methods (oat, float, smart) add their options to the spec
+    return ofa_spec(cfg)
 
 
 def build_from_spec(spec: dict) -> torch.nn.Module:
-    return build_model(spec["name"], spec["in_channels"], spec["num_classes"], tuple(spec["input_size"]),
-                       mean=spec["mean"], std=spec["std"], **spec["options"])
+    model = build_model(spec["name"], spec["in_channels"], spec["num_classes"], tuple(spec["input_size"]),
+                        mean=spec["mean"], std=spec["std"], **spec["options"])
+    if "ofa" in spec:  # a once-for-all model: the registry model converted in place (robustsparse/ofa/)
+        from ..ofa import make_conditional
+        model = make_conditional(model, spec["ofa"])
+    return model
 
 
 def load_split(cfg: RunConfig, split: str):
@@ -93,9 +105,11 @@ def run_config(out: str, cfg: RunConfig | None, resume: bool) -> RunConfig:
 
 
 def create_run_dir(out: str, cfg: RunConfig) -> None:
+    # config.yaml first and atomically: a kill before it leaves an empty folder (a new run may use it), a kill
+    # after it leaves a run that --resume continues; never a folder that neither accepts.
+    os.makedirs(out, exist_ok=True)
+    write_yaml_atomic(os.path.join(out, "config.yaml"), cfg.to_dict())
     os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
-    with open(os.path.join(out, "config.yaml"), "w") as fh:
-        yaml.safe_dump(cfg.to_dict(), fh, sort_keys=False)
 
 
 def _optimizer_tensors(optimizer) -> tuple[dict, list]:
@@ -137,7 +151,8 @@ def train(cfg: RunConfig | None, out: str, resume: bool = False, progress: bool 
     """Train one dense model as ``cfg`` says and write the run folder ``out`` (see docs/architecture.md)."""
     cfg = run_config(out, cfg, resume)
     t = cfg.train
-    device = resolve_device(t.device)
+    engine = Engine.from_train_config(t, resolve_device(t.device))  # AMP, channels_last, compile, DDP (engine.py)
+    device = engine.device
     x_train, y_train = (v.to(device) for v in load_split(cfg, "train"))
     x_val, y_val = (v.to(device) for v in load_split(cfg, "val"))
     spec = model_spec(cfg)
@@ -151,8 +166,8 @@ def train(cfg: RunConfig | None, out: str, resume: bool = False, progress: bool 
         probe = make_probe(cfg, model)
     if t.ticket is not None:  # the mask's own hooks keep pruned weights exactly 0 through every step
         _start_from_ticket(model, t.ticket, spec)
-    objective = build_objective(model, cfg)
-    if not resume:  # only now: data and model are known to load, so a bad config leaves no folder behind
+    objective = build_objective(engine.prepare_model(model), cfg)  # `model` stays the plain module we checkpoint
+    if not resume and engine.is_main:  # only now: data and model are known to load, so a bad config leaves no folder
         create_run_dir(out, cfg)
 
     n = len(y_train)
@@ -163,27 +178,39 @@ def train(cfg: RunConfig | None, out: str, resume: bool = False, progress: bool 
 
     start_epoch, start_step, best, sums = 0, 0, None, None
     ckpt_dir = os.path.join(out, "checkpoints")
-    if resume and os.path.exists(os.path.join(ckpt_dir, "last.json")):
-        tensors, meta = load_checkpoint(find_checkpoint(ckpt_dir, prefer="last"))
+    found = newest_intact(ckpt_dir) if resume else None  # 'last', or the newest intact one if 'last' is damaged
+    if found is not None:
+        tensors, meta, handle, problems = found
+        for problem in problems:
+            print(f"warning: {problem}; resuming from {handle} (epoch {meta['epoch']}, step {meta['step']})",
+                  file=sys.stderr, flush=True)
         load_model_state(model, {k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("model.")})
         _load_optimizer(optimizer, {k: v.to(device) for k, v in tensors.items()}, meta["optimizer_param_groups"])
         start_epoch, start_step, best, sums = meta["epoch"], meta["step"], meta["best"], meta["epoch_sums"]
-    if t.probe_every:
+        engine.load_state_dict(meta.get("engine"))
+    if t.probe_every and engine.is_main:
         recorder = DynamicsRecorder(out, probe)
         if start_epoch == 0 and start_step == 0:
             recorder.record(model, 0)
-    log = MetricsLog(out, resume_epoch=start_epoch if resume else None,
-                     purge_step=start_epoch * steps_per_epoch if resume else None)
-    write_status(out, status="running", device=str(device), torch=torch.__version__)
+    log = (MetricsLog if engine.is_main else RowsOnly)(out, resume_epoch=start_epoch if resume else None,
+                                                       purge_step=start_epoch * steps_per_epoch if resume else None)
+    if engine.is_main:
+        write_status(out, status="running", device=str(device), torch=torch.__version__, engine=engine.describe())
 
     def checkpoint(label, epoch, step, epoch_sums):
+        if not engine.is_main:  # every rank holds the same model and optimizer state; one writes it
+            return
         tensors, groups = _optimizer_tensors(optimizer)
         tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
         save_checkpoint(ckpt_dir, label, tensors, {
             "epoch": epoch, "step": step, "global_step": epoch * steps_per_epoch + step, "best": best,
             "epoch_sums": epoch_sums, "model_spec": spec, "config": cfg.to_dict(),
-            "optimizer_param_groups": groups, "eval_eps": cfg.attack.eps, "eval_norm": cfg.attack.norm})
+            "optimizer_param_groups": groups, "eval_eps": cfg.attack.eps, "eval_norm": cfg.attack.norm,
+            "engine": engine.state_dict()})
 
+    guard = TrainingGuard(out, t, spec["num_classes"], model, writes=engine.is_main)  # divergence, overfitting
+    if found is not None and found[3]:  # resumed from an older checkpoint: replace the damaged 'last' right away
+        checkpoint("last", start_epoch, start_step, sums)
     kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1"))
     for epoch in range(start_epoch, t.epochs):
         started = time.perf_counter()
@@ -191,28 +218,31 @@ def train(cfg: RunConfig | None, out: str, resume: bool = False, progress: bool 
         acc = torch.zeros(4, device=device, dtype=torch.float64)  # loss·n, n, clean correct, adv correct
         first = start_step if epoch == start_epoch else 0
         if first and sums:
-            acc += torch.tensor(sums["acc"], device=device, dtype=torch.float64)
+            if engine.is_main:  # the saved sums are over all ranks: count them once
+                acc += torch.tensor(sums["acc"], device=device, dtype=torch.float64)
             started -= sums["seconds"]
         model.train()
         with progress_bar(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{t.epochs}",
-                          enabled=progress, unit="step") as bar:
+                          enabled=progress and engine.is_main, unit="step") as bar:
             for step in range(first, steps_per_epoch):
                 global_step = epoch * steps_per_epoch + step
                 if global_step == kill_at:
                     os.kill(os.getpid(), signal.SIGKILL)
                 seed = step_seed(t.seed, epoch, step)
-                torch.manual_seed(seed)
+                torch.manual_seed(engine.rank_seed(seed))  # attack random starts, dropout
                 idx = perm[step * batch:(step + 1) * batch]
                 gen = torch.Generator(device=device).manual_seed(seed)
                 xb = augment(x_train[idx], cfg.data.crop_padding, cfg.data.flip, generator=gen)
                 yb = y_train[idx]
+                xb, yb = engine.shard(xb), engine.shard(yb)  # this rank's slice of the global batch (DDP)
                 lr = lr_at(global_step, total_steps, t.lr, t.schedule, warmup_steps, t.milestones)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                out_step = objective(xb, yb)
+                with engine.autocast():
+                    out_step = objective(engine.layout(xb), yb)
                 optimizer.zero_grad(set_to_none=True)
-                out_step.loss.backward()
-                optimizer.step()
+                engine.backward(out_step.loss)
+                engine.optimizer_step(optimizer)
                 acc[0] += out_step.loss.detach() * len(yb)
                 acc[1] += len(yb)
                 if out_step.correct_clean is not None:
@@ -222,20 +252,26 @@ def train(cfg: RunConfig | None, out: str, resume: bool = False, progress: bool 
                 bar.update(1)
                 if t.checkpoint_every_steps and (global_step + 1) % t.checkpoint_every_steps == 0 \
                         and step + 1 < steps_per_epoch:
-                    checkpoint("last", epoch, step + 1,
-                               {"acc": acc.tolist(), "seconds": time.perf_counter() - started})
+                    epoch_sums = {"acc": engine.sum_over_ranks(acc).tolist(),
+                                  "seconds": time.perf_counter() - started}
+                    guard.check(epoch_sums["acc"], epoch, step + 1)
+                    checkpoint("last", epoch, step + 1, epoch_sums)
 
-        loss_sum, seen, clean_ok, adv_ok = acc.tolist()
+        loss_sum, seen, clean_ok, adv_ok = engine.sum_over_ranks(acc).tolist()
+        guard.check([loss_sum, seen], epoch, steps_per_epoch)  # before validation and before any checkpoint
         row = {"epoch": epoch, "step": (epoch + 1) * steps_per_epoch, "lr": lr, "train_loss": loss_sum / seen,
                "seconds": time.perf_counter() - started}
         if t.method in ("standard", "trades"):
             row["train_clean_acc"] = clean_ok / seen
-        if t.method in ("pgd_at", "trades"):
+        if t.method in ("pgd_at", "trades", "fgsm_at"):
             row["train_adv_acc"] = adv_ok / seen
         is_best = False
         if len(y_val) and ((epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs):
-            res = evaluate(model, x_val, y_val, suite=f"clean,pgd-{t.val_attack_steps}", eps=cfg.attack.eps,
-                           norm=cfg.attack.norm, num_classes=spec["num_classes"], progress=False, run_checks=False)
+            from ..ofa import validation_extra, validation_model  # once-for-all models: validated at λ = 1
+            row.update(validation_extra(model, x_val, y_val))  # ... plus clean accuracy at λ = 0
+            res = engine.evaluate(validation_model(model), x_val, y_val, suite=f"clean,pgd-{t.val_attack_steps}",
+                                  eps=cfg.attack.eps, norm=cfg.attack.norm, num_classes=spec["num_classes"],
+                                  progress=False, run_checks=False)
             row["val_clean_acc"] = res.accuracy["clean"]
             row["val_robust_acc"] = res.accuracy[f"pgd-{t.val_attack_steps}"]
             row["val_attack"] = res.attacks[f"pgd-{t.val_attack_steps}"]
@@ -244,16 +280,24 @@ def train(cfg: RunConfig | None, out: str, resume: bool = False, progress: bool 
                 best = {"score": score, "epoch": epoch,
                         "metric": "val_clean_acc" if t.method == "standard" else "val_robust_acc"}
                 is_best = True
+        stop = guard.after_validation(row, log.rows)  # flags catastrophic overfitting in the row
         log.append(row, row["step"])
-        if progress:
+        if progress and engine.is_main:
             print(_summary(row, t.epochs), file=sys.stderr, flush=True)
-        if recorder is not None and ((epoch + 1) % t.probe_every == 0 or epoch + 1 == t.epochs):
+        if stop:  # train.on_overfit=stop: before this epoch's best/last, so 'last' stays the last good state
+            guard.stop_overfit(row)
+        if recorder is not None and engine.is_main and ((epoch + 1) % t.probe_every == 0 or epoch + 1 == t.epochs):
             recorder.record(model, epoch + 1)
         if is_best:
             checkpoint("best", epoch + 1, 0, None)
+        if epoch + 1 in t.keep_epochs:  # a rewinding point (IMP); written before last so a kill cannot skip it
+            checkpoint(f"epoch-{epoch + 1}", epoch + 1, 0, None)
         checkpoint("last", epoch + 1, 0, None)
-        from ..report import plot_curves
-        plot_curves(log.rows, os.path.join(out, "curves.png"))
+        if engine.is_main:
+            from ..report import plot_curves
+            plot_curves(log.rows, os.path.join(out, "curves.png"))
     log.close()
-    write_status(out, status="finished", epochs=t.epochs)
+    if engine.is_main:
+        write_status(out, status="finished", epochs=t.epochs)
+    engine.close()
     return TrainResult(out, None if best is None else best["score"], t.epochs - 1)

@@ -1,0 +1,170 @@
+"""OAT: Once-for-All Adversarial Training (Wang et al., NeurIPS 2020), as in VITA-Group's code (method-notes §5.1).
+
+Activation conditioning: after every BN except the shortcut BNs (and, in pre-activation nets, the final BN),
+
+    FiLM(h; λ) = h · μ(e(λ)) + σ(e(λ)),   [μ, σ] = leaky_relu(W₂ · leaky_relu(W₁ e(λ) + b₁) + b₂)  ∈ ℝ^{2C}
+
+with e(λ) the λ encoding: ``rand`` (OAT's default: row j of a random orthogonal dim×dim matrix for the j-th λ of
+the training set; a λ between two training values gets the linear interpolation of their rows) or ``scalar``
+(e(λ) = λ, FiLM input size 1: the structure of the thop count in resnet_OAT.py, 31,403,978 for ResNet-34).
+
+Training, per batch of B (OAT "efficient" mode):
+  λ_i = 0 for the first ⌈B/|Λ|⌉ samples, else uniform on Λ∖{0}      (Λ = ofa.lambdas, default {0,.1,.2,.3,.4,1})
+  z_i = f(x_i; λ_i) with BN_c for the λ=0 samples and BN_a for the rest (dual BN split at ⌈B/|Λ|⌉)
+  x̃_i = PGD-k(f(·; λ_i, BN_a), x_i, y_i) for the λ>0 samples (eval mode, no parameter grads)
+  L = mean_i [ (1 − λ_i) · CE(z_i, y_i) + λ_i · CE(f(x̃_i; λ_i, BN_a), y_i) ]
+Inference at λ: FiLM conditioned on e(λ); BN_c iff λ = 0.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attacks.pgd import PGD
+from ..errors import UserError
+from ..models.dual_bn import DualBatchNorm2d, bn_route, convert_to_dual_bn
+from ..train.objectives import StepOutput, register_objective
+from .base import AtLambda, register_ofa, replace_module, restoring, unwrap
+
+
+class FiLM(nn.Module):
+    """OAT's FiLM_Layer: an MLP from the λ encoding to a per-channel scale μ and shift σ."""
+
+    def __init__(self, channels: int, in_features: int):
+        super().__init__()
+        self.channels = channels
+        self.mlp = nn.Sequential(nn.Linear(in_features, 2 * channels), nn.LeakyReLU(inplace=True),
+                                 nn.Linear(2 * channels, 2 * channels))
+
+    def forward(self, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        mu, sigma = F.leaky_relu(self.mlp(cond)).split(self.channels, dim=-1)
+        return h * mu.view(-1, self.channels, 1, 1) + sigma.view(-1, self.channels, 1, 1)
+
+    def extra_ops(self, out: torch.Tensor) -> int:
+        """Element-wise operations per image beyond the base network: one multiply and one add per activation."""
+        return 2 * out[0].numel()
+
+
+class BatchNormFiLM(nn.Module):
+    """A dual BN followed by FiLM; ``cond`` (N or 1, dim) is set by `conditioned` before every forward."""
+
+    def __init__(self, bn: DualBatchNorm2d, in_features: int):
+        super().__init__()
+        self.bn = bn
+        self.film = FiLM(bn.num_features, in_features)
+        self.cond = None
+
+    def forward(self, x):
+        if self.cond is None:
+            raise RuntimeError("an OAT model was run without λ; use robustsparse.ofa.at_lambda(model, lam)")
+        return self.film(self.bn(x), self.cond)
+
+
+def _final_preact_bn(model) -> str | None:
+    """OAT puts no FiLM after the last BN of a pre-activation net (WRN, PreAct-ResNet)."""
+    from ..models.resnet import ResNet
+    from ..models.wide_resnet import WideResNet
+    net = getattr(model, "net", None)
+    if isinstance(net, WideResNet):
+        return "net.bn1"
+    if isinstance(net, ResNet) and net.preact:
+        return "net.bn"
+    return None
+
+
+def film_sites(model) -> list[str]:
+    """Names of the dual BNs (after `convert_to_dual_bn`) that get a FiLM: all but the shortcut BNs and a
+    pre-activation net's final BN."""
+    final = _final_preact_bn(model)
+    return [n for n, m in model.named_modules()
+            if isinstance(m, DualBatchNorm2d) and "shortcut" not in n.split(".") and n != final]
+
+
+def _codes(options: dict, seed: int) -> torch.Tensor:
+    lambdas = sorted(options["lambdas"])
+    if options["encoding"] == "scalar":
+        return torch.tensor(lambdas, dtype=torch.float32).view(-1, 1)
+    dim = options["encoding_dim"]
+    gen = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=gen))  # OAT: a random orthogonal matrix
+    return q[:len(lambdas)].contiguous()
+
+
+def convert(model, options: dict, seed: int):
+    convert_to_dual_bn(model)
+    codes = _codes(options, seed)
+    for name in film_sites(model):
+        replace_module(model, name, BatchNormFiLM(model.get_submodule(name), codes.shape[1]))
+    model.register_buffer("lambda_codes", codes)  # a buffer on the Sequential root: saved, never run
+    model.register_buffer("lambda_values", torch.tensor(sorted(options["lambdas"]), dtype=torch.float32))
+    return model
+
+
+def encode(model, lam: torch.Tensor) -> torch.Tensor:
+    """e(λ) for a 1-D tensor of λ values: piecewise-linear in λ through the training set's codes (exact there)."""
+    values, codes = model.lambda_values.to(lam.device), model.lambda_codes.to(lam.device)
+    if model.ofa_options["encoding"] == "scalar":
+        return lam.view(-1, 1).to(codes.dtype)
+    if len(values) == 1:
+        return codes[:1].expand(len(lam), -1)
+    lam = lam.clamp(values[0], values[-1])
+    hi = torch.searchsorted(values, lam).clamp(1, len(values) - 1)
+    lo = hi - 1
+    w = ((lam - values[lo]) / (values[hi] - values[lo])).unsqueeze(1)
+    return (1 - w) * codes[lo] + w * codes[hi]
+
+
+@contextmanager
+def conditioned(model, cond: torch.Tensor, route):
+    films = [m for m in model.modules() if isinstance(m, BatchNormFiLM)]
+    with restoring(films, "cond", cond), bn_route(model, route):
+        yield model
+
+
+def _configure(model, lam: float, batch_size: int):
+    cond = encode(model, torch.tensor([lam], device=model.lambda_codes.device))
+    return conditioned(model, cond, "clean" if lam == 0 else "adv")
+
+
+def at_lambda(model, lam: float, mix=None):
+    return AtLambda(model, lam, _configure)
+
+
+register_ofa("oat", convert, at_lambda)
+
+
+@register_objective("oat")
+def oat_objective(model, cfg):
+    inner = unwrap(model)
+    a = cfg.attack
+    attack = PGD(model, a.eps, steps=a.steps, alpha=cfg.train_alpha, norm=a.norm, random_start=a.random_start)
+    lambdas = sorted(cfg.ofa.lambdas)
+    nonzero = torch.tensor([v for v in lambdas if v > 0])
+    if not len(nonzero):
+        raise UserError("ofa.lambdas holds only 0: OAT needs at least one λ > 0 to train the robust end")
+
+    def step(x, y):
+        batch = len(x)
+        zeros = min(batch, math.ceil(batch / len(lambdas))) if 0 in lambdas else 0
+        lam = torch.zeros(batch, device=x.device)
+        pick = torch.randint(len(nonzero), (batch - zeros,))
+        lam[zeros:] = nonzero[pick].to(x.device)
+        cond = encode(inner, lam)
+        with conditioned(inner, cond, ("split", zeros)):
+            logits = model(x)
+        per_sample = (1 - lam) * F.cross_entropy(logits, y, reduction="none")
+        correct_adv = None
+        if zeros < batch:
+            with conditioned(inner, cond[zeros:], "adv"):
+                x_adv = attack(x[zeros:], y[zeros:])
+                logits_adv = model(x_adv)
+            adv_term = lam[zeros:] * F.cross_entropy(logits_adv, y[zeros:], reduction="none")
+            per_sample = torch.cat([per_sample[:zeros], per_sample[zeros:] + adv_term])
+            correct_adv = (logits_adv.detach().argmax(1) == y[zeros:]).sum()
+        return StepOutput(per_sample.mean(), correct_clean=(logits.detach().argmax(1) == y).sum(),
+                          correct_adv=correct_adv)
+    return step

@@ -1,0 +1,286 @@
+"""After-training pruning pipelines, one command each: robust dense pre-training → prune → (fine-)tune.
+
+    robustsparse posttrain CONFIG [k=v ...] --method {hydra,lwm,imp} --density D --out DIR [--pretrained RUN]
+
+``hydra`` (prune/hydra.py), ``lwm`` (prune/lwm.py) and ``imp`` (prune/imp.py) are registered in
+prune/after.py. Every stage is resumable and a finished one is never recomputed, so running the same command
+again (or ``--resume --out DIR``) continues where it stopped. A different request in the same folder is refused.
+
+    <out>/posttrain.yaml   the request: method, densities, evaluation suite, config, and the pre-trained run
+                           (path and the SHA-256 of its best weights)
+    <out>/pretrain/        the dense robust run (``train``); absent with --pretrained, which is only read
+    <out>/stages.json      epochs and wall seconds of the stages that are not training runs (score stage, prune)
+    hydra   scores/        score stage: metrics.jsonl, run.json, checkpoints/last.* (scores, BN, optimizer),
+                           mask.safetensors when finished
+            ticket/        a ticket folder: the mask, pre-trained weights ⊙ mask and the stage's BN
+            finetune/      ``train`` from the ticket (prune.finetune_epochs at prune.finetune_lr); eval.json
+    lwm     ticket/, finetune/   as hydra, with the magnitude mask of the pre-trained weights
+    imp     round-<r>/ticket/, round-<r>/run/ (r = 1..R; run/round-eval.json), rounds.jsonl (one line per round)
+    <out>/cost.json        per requested density: every stage's epochs and wall seconds, and the totals
+
+Costs count the dense pre-training too, also when it is reused (--pretrained, or compare's dense cell): the point
+of comparing with pruning at initialisation is the whole cost of getting a sparse robust network.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import yaml
+
+from .config import RunConfig, config_from_dict
+from .errors import UserError
+from .prune.after import AFTER_TRAINING, Outcome
+from .runs.atomic import write_json_atomic, write_text_atomic, write_yaml_atomic
+from .runs.checkpoint import find_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from .stages import eval_stage, is_finished, recorded_seconds, run_epochs, train_stage
+
+REQUEST = "posttrain.yaml"
+
+
+@dataclass
+class PosttrainResult:
+    out: str
+    method: str
+    outcomes: list[Outcome]
+    evals: dict = field(default_factory=dict)  # density -> eval.json contents (absent with suite "none")
+
+    def cost(self, outcome: Outcome) -> dict:
+        return total_cost(outcome.stages)
+
+
+def total_cost(stages: list[dict]) -> dict:
+    return {"epochs": sum(s["epochs"] for s in stages), "seconds": sum(s["seconds"] for s in stages)}
+
+
+class Pipeline:
+    """What a method gets: the config, the pre-trained run, and resumable building blocks."""
+
+    def __init__(self, cfg: RunConfig, out: str, densities: list[float], pretrained: str, reused: bool,
+                 progress: bool = True):
+        from .train.trainer import model_spec, resolve_device
+        self.cfg, self.out, self.densities, self.progress = cfg, out, densities, progress
+        self.pretrained, self.reused = pretrained, reused
+        self.spec = model_spec(cfg)
+        self.device = resolve_device(cfg.train.device)
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.out, *parts)
+
+    def say(self, msg: str) -> None:
+        if self.progress:
+            print(f"[posttrain] {msg}", file=sys.stderr, flush=True)
+
+    def load_run(self, run_dir: str) -> torch.nn.Module:
+        import robustsparse as rs
+        return rs.load(run_dir, which="best", device=self.device)
+
+    def pretrained_model(self) -> torch.nn.Module:
+        """The pre-trained dense network (its best checkpoint: the one its evaluation reports)."""
+        return self.load_run(self.pretrained)
+
+    def pretrain_cost(self) -> dict:
+        label = "dense pre-training" + (" (reused)" if self.reused else "")
+        return {"stage": label, "epochs": run_epochs(self.pretrained), "seconds": recorded_seconds(self.pretrained)}
+
+    def rewind_state(self) -> dict:
+        """IMP's rewinding point: θ₀ of the pre-trained run (rebuilt from its seed) or its epoch-k weights."""
+        from .train.trainer import build_from_spec
+        k = self.cfg.prune.imp_rewind_epoch
+        if k == 0:
+            with open(os.path.join(self.pretrained, "config.yaml")) as fh:
+                seed = yaml.safe_load(fh)["train"]["seed"]
+            torch.manual_seed(seed)  # exactly as `train` builds θ₀
+            return build_from_spec(self.spec).state_dict()
+        tensors, _ = load_checkpoint(os.path.join(self.pretrained, "checkpoints", f"epoch-{k}.json"))
+        return {key[len("model."):]: v for key, v in tensors.items() if key.startswith("model.")}
+
+    # tickets ---------------------------------------------------------------------------------------------
+    def has_ticket(self, folder: str) -> bool:
+        return os.path.exists(os.path.join(folder, "ticket.json"))
+
+    def write_ticket(self, folder: str, state: dict, mask, info: dict) -> None:
+        """A ticket folder (what ``train.ticket`` consumes): ``state`` with ``mask`` applied. ticket.json is
+        written last, so a kill leaves either no ticket or a whole one."""
+        from .prune.ticket import LABEL, load_model_state
+        from .sparse import apply_mask, sparsity_report
+        from .train.trainer import build_from_spec
+        model = build_from_spec(self.spec)
+        load_model_state(model, {k: v.cpu() for k, v in state.items()})
+        apply_mask(model, mask.to("cpu"))
+        os.makedirs(folder, exist_ok=True)
+        info = {"density_target": self.cfg.prune.density, **info, "density": mask.density(), "kept": mask.kept()}
+        report = sparsity_report(model, (self.spec["in_channels"], *self.spec["input_size"]))
+        write_text_atomic(os.path.join(folder, "mask_report.md"),
+                          f"# Ticket: {info['method']} at density {mask.density():.4f}\n\n{report.table()}\n")
+        write_json_atomic(os.path.join(folder, "prune.json"), info, sort_keys=False)
+        save_checkpoint(folder, LABEL, {f"model.{k}": v for k, v in model.state_dict().items()},
+                        {"model_spec": self.spec, "config": self.cfg.to_dict(), "prune": info, "epoch": 0,
+                         "step": 0, "eval_eps": self.cfg.attack.eps, "eval_norm": self.cfg.attack.norm})
+
+    def ticket_mask(self, folder: str):
+        from .prune.ticket import load_ticket
+        from .sparse import Mask
+        state, _ = load_ticket(folder)
+        return Mask({k[:-len("_mask")]: v for k, v in state.items() if k.endswith(".weight_mask")})
+
+    # training stages -------------------------------------------------------------------------------------
+    def train(self, ticket_dir: str, run_dir: str, epochs: int, lr: float | None = None, stage: str = "train") -> dict:
+        """Train from a ticket with the mask fixed (resumable); return the stage's cost entry."""
+        cfg = copy.deepcopy(self.cfg)
+        cfg.train.ticket = os.path.abspath(ticket_dir)
+        cfg.train.epochs = epochs
+        cfg.train.lr = cfg.train.lr if lr is None else lr
+        cfg.train.keep_epochs = []
+        cfg.train.warmup_epochs = min(cfg.train.warmup_epochs, float(epochs))
+        cfg = config_from_dict(cfg.to_dict())
+        if not is_finished(run_dir):
+            self.say(f"{stage}: {epochs} epochs of {cfg.train.method} at lr {cfg.train.lr:g}")
+        seconds = train_stage(cfg, run_dir, self.progress)
+        return {"stage": stage, "epochs": epochs, "seconds": seconds}
+
+    def finetune(self, ticket_dir: str, run_dir: str) -> tuple[str, dict]:
+        p = self.cfg.prune
+        return run_dir, self.train(ticket_dir, run_dir, p.finetune_epochs, p.finetune_lr, stage="fine-tune")
+
+    def write_stage_cost(self, name: str, cost: dict) -> None:
+        costs = self._stage_costs()
+        costs[name] = cost
+        _write_json(self.path("stages.json"), costs)
+
+    def read_stage_cost(self, name: str) -> dict:
+        return self._stage_costs()[name]
+
+    def _stage_costs(self) -> dict:
+        path = self.path("stages.json")
+        if not os.path.exists(path):
+            return {}
+        with open(path) as fh:
+            return json.load(fh)
+
+
+def _write_json(path: str, data) -> None:
+    write_json_atomic(path, data, sort_keys=False)
+
+
+def _check_pretrained(path: str, cfg: RunConfig) -> dict:
+    """Refuse a pre-trained run that cannot serve ``cfg``; return its identity (path and best weights' hash)."""
+    from .train.trainer import model_spec
+    if not os.path.isdir(path):
+        raise UserError(f"--pretrained {path} is not a run folder")
+    meta = read_meta(find_checkpoint(path, prefer="best"))
+    if not is_finished(path):
+        raise UserError(f"--pretrained {path} has not finished training; finish it first "
+                        f"(robustsparse train --resume --out {path})")
+    if meta.get("model_spec") != model_spec(cfg):
+        raise UserError(f"--pretrained {path} is a {meta.get('model_spec')} network, but this config builds "
+                        f"{model_spec(cfg)}; use the same data and model settings")
+    saved = meta.get("config", {}).get("data", {})
+    if saved.get("name") != cfg.data.name or saved.get("options", {}) != cfg.data.options:
+        raise UserError(f"--pretrained {path} was trained on {saved.get('name')!r}, not {cfg.data.name!r}")
+    k = cfg.prune.imp_rewind_epoch
+    if cfg.prune.method == "imp" and k and not os.path.exists(os.path.join(path, "checkpoints", f"epoch-{k}.json")):
+        raise UserError(f"prune.imp_rewind_epoch={k} needs the dense run's checkpoint of epoch {k}, and "
+                        f"{path} has none (train it with train.keep_epochs=[{k}]); or rewind to initialisation "
+                        "with prune.imp_rewind_epoch=0")
+    return {"path": os.path.abspath(path), "sha256": meta["sha256"]}
+
+
+def _densities(method: str, density) -> list[float]:
+    values = density if isinstance(density, (list, tuple)) else [density]
+    if not values or any(isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d < 1 for d in values):
+        raise UserError(f"--density must be in (0, 1) (the kept fraction of conv/linear weights), got {density!r}")
+    if method != "imp" and len(values) != 1:
+        raise UserError(f"{method} prunes to one density per run; got {len(values)}")
+    return sorted({float(d) for d in values}, reverse=True)
+
+
+def _request(cfg, method, densities, suite, pretrained_id) -> dict:
+    return {"method": method, "densities": densities, "suite": suite, "pretrained": pretrained_id,
+            "config": cfg.to_dict()}
+
+
+def _same_request(saved: dict, new: dict) -> bool:
+    resolved = dict(saved, config=config_from_dict(saved["config"]).to_dict())  # fields added since take defaults
+    strip = lambda r: {**r, "pretrained": r["pretrained"] and r["pretrained"]["sha256"]}  # noqa: E731
+    return strip(resolved) == strip(new)
+
+
+def posttrain(cfg: RunConfig | None, out: str, method: str | None = None, density=None, pretrained: str | None = None,
+              suite: str | None = None, resume: bool = False, progress: bool = True) -> PosttrainResult:
+    """Run (or continue) an after-training pruning pipeline in ``out``.
+
+    ``method``/``density`` default to ``cfg.prune.method``/``cfg.prune.density``; IMP also takes a list of
+    densities (one chain landing on each). ``pretrained``: an existing finished dense run to reuse (read only)
+    instead of pre-training one in ``out/pretrain``. ``suite``: the final evaluation (default ``cfg.eval.suite``;
+    ``"none"`` skips it). ``resume`` with ``cfg=None`` continues the request saved in ``out``.
+    """
+    from .eval.evaluator import parse_suite
+    request_path = os.path.join(out, REQUEST)
+    saved = None
+    if os.path.exists(request_path):
+        with open(request_path) as fh:
+            saved = yaml.safe_load(fh)
+    if cfg is None:
+        if not resume or saved is None:
+            raise UserError(f"--resume: {out} holds no posttrain run ({REQUEST} missing)" if resume
+                            else "posttrain needs a config")
+        cfg = config_from_dict(saved["config"])
+        method, density, suite = saved["method"], saved["densities"], saved["suite"]
+        pretrained = saved["pretrained"] and saved["pretrained"]["path"]
+    method = method or cfg.prune.method
+    if method not in AFTER_TRAINING:
+        raise UserError(f"unknown after-training method {method!r}; known: {', '.join(sorted(AFTER_TRAINING))}")
+    densities = _densities(method, cfg.prune.density if density is None else density)
+    cfg = copy.deepcopy(cfg)
+    cfg.prune.method, cfg.prune.density = method, densities[-1]
+    cfg = config_from_dict(cfg.to_dict())
+    suite = suite or cfg.eval.suite
+    if suite != "none":
+        parse_suite(suite)
+    k = cfg.prune.imp_rewind_epoch
+    if method == "imp" and pretrained is None and k >= cfg.train.epochs:
+        raise UserError(f"prune.imp_rewind_epoch={k} must be below train.epochs={cfg.train.epochs} (the dense run "
+                        "it rewinds into)")
+    pretrained_id = _check_pretrained(pretrained, cfg) if pretrained is not None else None
+    request = _request(cfg, method, densities, suite, pretrained_id)
+    if saved is not None:
+        if not _same_request(saved, request):
+            raise UserError(f"{out} holds a posttrain run with another method, density, suite, config or "
+                            "pre-trained run; continue it with `robustsparse posttrain --resume --out DIR` or pick "
+                            "another --out")
+    elif resume:
+        raise UserError(f"--resume: {out} holds no posttrain run ({REQUEST} missing)")
+    elif os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise UserError(f"{out} already exists and is not a posttrain run; pick another --out")
+    else:
+        from .train.trainer import load_split
+        load_split(cfg, "train")  # a missing dataset is refused before the folder exists
+        os.makedirs(out, exist_ok=True)
+        write_yaml_atomic(request_path, request)  # read back on every rerun: never half-written
+
+    if pretrained is None:
+        pretrained = os.path.join(out, "pretrain")
+        pre_cfg = copy.deepcopy(cfg)
+        if method == "imp" and cfg.prune.imp_rewind_epoch:
+            pre_cfg.train.keep_epochs = sorted(set(cfg.train.keep_epochs) | {cfg.prune.imp_rewind_epoch})
+        if progress and not is_finished(pretrained):
+            print(f"[posttrain] dense pre-training ({cfg.train.method}, {cfg.train.epochs} epochs)", file=sys.stderr)
+        train_stage(pre_cfg, pretrained, progress)
+    pipe = Pipeline(cfg, out, densities, pretrained, reused=pretrained_id is not None, progress=progress)
+    outcomes = AFTER_TRAINING[method](pipe)
+    evals = {}
+    if suite != "none":
+        for o in outcomes:
+            pipe.say(f"evaluating {method} at density {o.density:g}: {suite}")
+            evals[o.density] = eval_stage(o.run_dir, suite, progress=progress)
+    _write_json(os.path.join(out, "cost.json"), {f"{o.density:g}": {"run": o.run_dir, "stages": o.stages,
+                                                                    **total_cost(o.stages)} for o in outcomes})
+    return PosttrainResult(out, method, outcomes, evals)
+
+
+from .prune import hydra, imp, lwm  # noqa: E402,F401  (register the pipelines)
