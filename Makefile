@@ -8,7 +8,7 @@ $(VENV)/.installed: pyproject.toml scripts/setup.sh
 setup: $(VENV)/.installed
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/robustsparse demo
+	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/robustsparse demo
 
 test: $(VENV)/.installed
 	OMP_WAIT_POLICY=PASSIVE $(VENV)/bin/python -m pytest
