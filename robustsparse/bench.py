@@ -263,7 +263,8 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _model_options(items) -> dict:
+def parse_model_options(items) -> dict:
+    """``--model-option KEY=VALUE`` items (values parsed as YAML) -> build_model options."""
     import yaml
     options = {}
     for item in items or []:
@@ -285,7 +286,7 @@ def bench_command(args) -> int:
 
     result = run_bench(given(args.model, "cnn"), parse_input_shape(given(args.input_shape, "1,8,8")), args.batch,
                        args.steps, args.device, args.iters, given(args.warmup, 2), given(args.repeats, 5),
-                       given(args.num_classes, 10), _model_options(args.model_option), args.amp,
+                       given(args.num_classes, 10), parse_model_options(args.model_option), args.amp,
                        args.channels_last, args.compile, args.threads, args.density, progress=not args.no_progress)
     print(format_table(result))
     if args.json:

@@ -32,6 +32,7 @@ from types import SimpleNamespace
 
 import torch
 
+from ..bench import parse_model_options
 from ..errors import UserError
 from .export import compile_model, input_shape_of, parse_batches
 from .lower import effective_copy
@@ -79,20 +80,6 @@ def _parse_shape(text) -> tuple[int, int, int]:
     if len(parts) != 3 or min(parts) < 1:
         raise UserError(f"--input-shape must be C,H,W (e.g. 3,32,32), got {text!r}")
     return tuple(parts)
-
-
-def _model_options(items) -> dict:
-    import yaml
-    out = {}
-    for item in items or []:
-        if "=" not in item:
-            raise UserError(f"--model-option {item!r} must look like KEY=VALUE (e.g. width=64)")
-        key, raw = item.split("=", 1)
-        try:
-            out[key.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise UserError(f"--model-option {item!r}: the value is not valid YAML") from exc
-    return out
 
 
 def _calibrate_bn(model: torch.nn.Module, shape, seed: int) -> None:
@@ -177,7 +164,7 @@ def run_inference_bench(opts: SimpleNamespace, progress: bool = True) -> dict:
     else:
         model = build_masked_model(opts.model, opts.input_shape, int(opts.num_classes), float(opts.density),
                                    opts.structure, opts.mask, opts.scope, int(opts.seed),
-                                   _model_options(opts.model_option))
+                                   parse_model_options(opts.model_option))
         source = {"model": opts.model, "input": list(_parse_shape(opts.input_shape)), "density_target": opts.density,
                   "structure": opts.structure, "mask": opts.mask,
                   "scope": opts.scope or ("layer" if opts.structure == "channel" else "global"),
