@@ -4,7 +4,7 @@
     robustsparse train CONFIG [k=v ...] --out DIR [--resume]
     robustsparse eval RUN_OR_CKPT [--suite clean,pgd-20,autoattack] [--eps E] [--json]
     robustsparse prune CONFIG [k=v ...] --method M --density D --out DIR   (prune --resume --out DIR continues)
-    robustsparse compare CONFIG [k=v ...] --methods ... --densities ... --out DIR
+    robustsparse compare CONFIG [k=v ...] --methods ... --densities ... --out DIR [--seeds 0,1,2]
     robustsparse posttrain CONFIG [k=v ...] --method {hydra,lwm,imp} --density D --out DIR [--pretrained RUN]
     robustsparse sweep RUN [RUN ...] --lams 0,0.1,...,1 [--suite clean,pgd-20] [--out DIR]   λ trade-off
     robustsparse bench [--model M --input-shape C,H,W --batch B --steps K] [--json PATH] [--inference]   speed
@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--out", required=True, help="grid folder; an interrupted grid continues when re-run")
     cmp_.add_argument("--dynamics", action="store_true",
                       help="record NTK/output dynamics on a fixed adversarial probe each epoch; plot dynamics.png")
+    cmp_.add_argument("--seeds", default=None,
+                      help="comma-separated seeds: the grid once per seed in OUT/seed<s>/, then mean ± std in OUT")
     cmp_.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     ev = sub.add_parser("eval", help="evaluate a run folder or checkpoint with the one evaluator")
@@ -210,7 +212,7 @@ def cmd_prune(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import run_compare
+    from .compare import run_compare, run_compare_seeds
     from .config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -219,8 +221,16 @@ def cmd_compare(args) -> int:
         densities = [float(d) for d in args.densities.split(",") if d.strip()]
     except ValueError as exc:
         raise UserError(f"--densities must be comma-separated numbers, got {args.densities!r}") from exc
-    run_compare(cfg, methods, densities, args.out, suite=args.suite, progress=not args.no_progress,
-                dynamics=args.dynamics)
+    if args.seeds is None:
+        run_compare(cfg, methods, densities, args.out, suite=args.suite, progress=not args.no_progress,
+                    dynamics=args.dynamics)
+    else:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError as exc:
+            raise UserError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from exc
+        run_compare_seeds(cfg, methods, densities, args.out, seeds, suite=args.suite,
+                          progress=not args.no_progress, dynamics=args.dynamics)
     with open(os.path.join(args.out, "results.md")) as fh:
         print(fh.read())
     return 0

@@ -37,6 +37,9 @@ COST_NOTE = ("Training cost per stage, then the total. Dense: its PGD-AT. At ini
              "is not defined for a network pruned after training.")
 
 
+SEARCHED = ("ntt", "awt")  # the pruners whose cost is an optimisation, reported against the training it precedes
+
+
 def _cell_name(method: str, density: float) -> str:
     return f"{method}-d{density:g}"
 
@@ -95,7 +98,7 @@ def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out:
     dense_dir = os.path.join(out, "dense")
     say("dense PGD-AT")
     seconds = _train_cell(dense_cell_config(cfg, methods), dense_dir, progress)
-    rows.append(_row("dense", 1.0, _eval_run(dense_dir, suite), dense_dir, 0.0, seconds, 0.0,
+    rows.append(_row("dense", 1.0, _eval_run(dense_dir, suite, progress=progress), dense_dir, 0.0, seconds, 0.0,
                      [{"stage": "dense training", "epochs": cfg.train.epochs, "seconds": seconds}]))
     for density in densities:
         for method in methods:
@@ -124,8 +127,8 @@ def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out:
             dist = ntk_distance_at_init(cfg, state, dense_init, probe)
             stages = [{"stage": "prune", "epochs": 0, "seconds": meta["prune"]["seconds"]},
                       {"stage": "adversarial training", "epochs": cell_cfg.train.epochs, "seconds": seconds}]
-            rows.append(_row(method, density, _eval_run(run_dir, suite), run_dir, meta["prune"]["seconds"],
-                             seconds, dist, stages))
+            ev = _eval_run(run_dir, suite, progress=progress)
+            rows.append(_row(method, density, ev, run_dir, meta["prune"]["seconds"], seconds, dist, stages))
     _write_results(out, rows, suite)
     if dynamics:
         runs = {f"{r['method']} d={r['density']:g}": os.path.join(out, _cell_name(r["method"], r["density"]), "run")
@@ -148,6 +151,14 @@ def _row(method, density, ev, run_dir, prune_s, train_s, ntk_dist, stages):
                                      "seconds": sum(s["seconds"] for s in stages)}}
 
 
+def search_cost_lines(rows: list[dict]) -> str:
+    """One line per searched ticket (ntt, awt): its search's wall time as a share of the PGD-AT that followed."""
+    lines = [f"- {r['method']} at density {r['density']:g}: search {r['prune_seconds']:.1f} s = "
+             f"{r['prune_seconds'] / r['train_seconds']:.1%} of its adversarial training ({r['train_seconds']:.1f} s)"
+             for r in rows if r["method"] in SEARCHED and r.get("train_seconds")]
+    return "\n\nSearch cost (wall time, same process, same machine):\n" + "\n".join(lines) if lines else ""
+
+
 def _write_results(out: str, rows: list[dict], suite: str) -> None:
     from .report import plot_density_robustness
     write_json_atomic(os.path.join(out, "results.json"), rows, sort_keys=False)
@@ -161,5 +172,71 @@ def _write_results(out: str, rows: list[dict], suite: str) -> None:
              f"{r['ntk_distance_at_init']:.4f}", *cost_cells(r["cost"]["stages"])]
         lines.append("| " + " | ".join(cells) + " |")
     write_text_atomic(os.path.join(out, "results.md"), "# Density–robustness grid\n\n" + "\n".join(lines) + "\n\n" +
-                      COST_NOTE + "\n\n![density vs robustness](density_robustness.png)\n")
+                      COST_NOTE + search_cost_lines(rows) + "\n\n![density vs robustness](density_robustness.png)\n")
+    plot_density_robustness(rows, os.path.join(out, "density_robustness.png"))
+
+
+def run_compare_seeds(cfg: RunConfig, methods: list[str], densities: list[float], out: str, seeds: list[int],
+                      suite: str | None = None, progress: bool = True, dynamics: bool = False) -> list[dict]:
+    """The grid once per seed in ``<out>/seed<s>/`` (``train.seed = prune.seed = s``: θ₀, the pruners' draws and
+    training all change), then ``<out>/results.md``: every accuracy and the NTK distance as mean ± sample standard
+    deviation over the seeds. Single runs on small test sets differ by more than the methods do; this is the
+    table to draw conclusions from. Each seed's grid resumes on its own, so a killed run continues."""
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"--seeds must name distinct integers, got {seeds}")
+    per_seed = []
+    for seed in seeds:
+        seed_cfg = copy.deepcopy(cfg)
+        seed_cfg.train.seed = seed_cfg.prune.seed = seed
+        print(f"[compare] seed {seed} -> {os.path.join(out, f'seed{seed}')}", file=sys.stderr, flush=True)
+        per_seed.append(run_compare(seed_cfg, methods, densities, os.path.join(out, f"seed{seed}"), suite, progress,
+                                    dynamics))
+    rows = seed_statistics(per_seed)
+    _write_seed_results(out, rows, seeds)
+    return rows
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    return float(t.mean()), float(t.std()) if len(values) > 1 else 0.0
+
+
+def seed_statistics(per_seed: list[list[dict]]) -> list[dict]:
+    """One row per (method, density): mean and sample std over the seeds' rows (same order in every seed)."""
+    rows = []
+    for cells in zip(*per_seed):
+        first = cells[0]
+        acc = {k: _mean_std([c["accuracy"][k] for c in cells]) for k in first["accuracy"]}
+        ntk = None if first["ntk_distance_at_init"] is None else _mean_std([c["ntk_distance_at_init"] for c in cells])
+        seconds = [c["cost"]["seconds"] for c in cells]
+        rows.append({"method": first["method"], "density": first["density"], "family": first.get("family"),
+                     "seeds": len(cells), "accuracy": {k: m for k, (m, _) in acc.items()},
+                     "accuracy_std": {k: s for k, (_, s) in acc.items()}, "attacks": first["attacks"],
+                     "per_seed_accuracy": {k: [c["accuracy"][k] for c in cells] for k in first["accuracy"]},
+                     "nonzero_params": round(sum(c["nonzero_params"] for c in cells) / len(cells)),
+                     "ntk_distance_at_init": None if ntk is None else ntk[0],
+                     "ntk_distance_std": None if ntk is None else ntk[1],
+                     "mean_seconds": sum(seconds) / len(seconds)})
+    return rows
+
+
+def _write_seed_results(out: str, rows: list[dict], seeds: list[int]) -> None:
+    from .report import plot_density_robustness
+    write_json_atomic(os.path.join(out, "results.json"), {"seeds": seeds, "rows": rows}, sort_keys=False)
+    items = list(rows[0]["accuracy"])
+    head = ["method", "density"] + [rows[0]["attacks"][i] for i in items] + \
+        ["non-zero params", "NTK dist @init (adv. probe)", "wall s per seed (mean)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        ntk = "n/a" if r["ntk_distance_at_init"] is None else \
+            f"{r['ntk_distance_at_init']:.4f} ± {r['ntk_distance_std']:.4f}"
+        cells = [r["method"], f"{r['density']:g}"] + \
+            [f"{r['accuracy'][i]:.2%} ± {r['accuracy_std'][i]:.2%}" for i in items] + \
+            [f"{r['nonzero_params']:,}", ntk, f"{r['mean_seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    text = (f"# Density–robustness grid over {len(seeds)} seeds ({', '.join(map(str, seeds))})\n\n"
+            "Mean ± sample standard deviation over the seeds (train.seed = prune.seed = s: θ₀, the pruners' "
+            "draws and training all change). Each seed's own table, costs and search shares: seed<s>/results.md.\n\n"
+            + "\n".join(lines) + "\n\n![density vs robustness (means)](density_robustness.png)\n")
+    write_text_atomic(os.path.join(out, "results.md"), text)
     plot_density_robustness(rows, os.path.join(out, "density_robustness.png"))

@@ -144,6 +144,9 @@ def test_compare_grid_writes_table_and_plot_and_resumes(tmp_path, capsys):
     assert os.path.exists(os.path.join(out, "density_robustness.png"))
     table = open(os.path.join(out, "results.md")).read()
     assert "NTK dist" in table and "awt" in table
+    share = rows[2]["prune_seconds"] / rows[2]["train_seconds"]
+    assert f"- awt at density 0.2: search {rows[2]['prune_seconds']:.1f} s = {share:.1%} of its adversarial" in table
+    assert "- magnitude at density" not in table  # only searched tickets have a search cost line
     from robustsparse.dynamics import dynamics_distances
     dyn = dynamics_distances(os.path.join(out, "awt-d0.2", "run"), os.path.join(out, "dense"))
     assert [r["epoch"] for r in dyn] == [0, 1, 2]  # initialisation and every epoch
@@ -153,3 +156,34 @@ def test_compare_grid_writes_table_and_plot_and_resumes(tmp_path, capsys):
     before = os.path.getmtime(os.path.join(out, "awt-d0.2", "run", "eval.json"))
     assert main(args) == 0  # a finished grid is not recomputed
     assert os.path.getmtime(os.path.join(out, "awt-d0.2", "run", "eval.json")) == before
+
+
+def test_compare_over_seeds_reports_mean_and_std_of_the_per_seed_grids(tmp_path, capsys):
+    out = str(tmp_path / "grid")
+    args = ["compare", "digits_pgdat", *TINY, "train.epochs=1", "--methods", "magnitude", "--densities", "0.2",
+            "--suite", "clean,pgd-3", "--out", out, "--no-progress", "--seeds", "0,1"]
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "[compare] seed 1" in err and "img/s" not in err  # --no-progress silences the evaluations' bars too
+    per_seed = [json.load(open(os.path.join(out, f"seed{s}", "results.json"))) for s in (0, 1)]
+    assert load_config(os.path.join(out, "seed1", "dense", "config.yaml")).train.seed == 1
+    summary = json.load(open(os.path.join(out, "results.json")))
+    assert summary["seeds"] == [0, 1] and [r["method"] for r in summary["rows"]] == ["dense", "magnitude"]
+    for i, row in enumerate(summary["rows"]):
+        values = [grid[i]["accuracy"]["pgd-3"] for grid in per_seed]
+        assert row["per_seed_accuracy"]["pgd-3"] == values
+        assert row["accuracy"]["pgd-3"] == pytest.approx(sum(values) / 2)
+        assert row["accuracy_std"]["pgd-3"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+    assert per_seed[0][0]["nonzero_params"] == per_seed[1][0]["nonzero_params"]
+    table = open(os.path.join(out, "results.md")).read()
+    assert "over 2 seeds (0, 1)" in table and "±" in table and "PGD-3" in table
+    assert main(args[:-2] + ["--seeds", "0,0"]) == 2
+    assert "distinct" in capsys.readouterr().err
+
+
+def test_a_search_started_from_synflow_shows_no_progress_bar_when_asked_not_to(tmp_path, capfd):
+    cfg = load_config("digits_pgdat", TINY + ["prune.method=awt", "prune.density=0.1"])
+    prune_to_folder(cfg, str(tmp_path / "quiet"), progress=False)
+    assert "SynFlow" not in capfd.readouterr().err
+    prune_to_folder(cfg, str(tmp_path / "loud"), progress=True)
+    assert "SynFlow rounds" in capfd.readouterr().err

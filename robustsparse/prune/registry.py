@@ -15,8 +15,8 @@ from ..sparse import Mask
 
 PRUNERS: dict[str, Callable] = {}
 # NTT prunes layer-wise (method-notes §4(f).5); AWT and the scorers prune globally, and AWT's search starts from the
-# SynFlow mask and keeps its per-layer budget (prune.allocation=fixed). Measured on digits with the same code
-# (docs/results/digits.md): AWT 84.72% vs 75.56% (layer-wise) under AutoAttack at density 0.05, 86.67% vs 85.56% at 0.1.
+# SynFlow mask and keeps its per-layer budget (prune.allocation=fixed): at density 0.05 the per-layer budget decides
+# robustness, and SynFlow's is the best of the scorers' (measured on digits, docs/results/digits.md).
 DEFAULT_SCOPE = {"ntt": "layer"}
 DEFAULT_INIT = {"ntt": "magnitude", "awt": "synflow"}
 
@@ -43,6 +43,14 @@ def init_method_of(cfg: RunConfig) -> str:
     return cfg.prune.init_method or DEFAULT_INIT.get(cfg.prune.method, "magnitude")
 
 
+def call_pruner(name: str, model, cfg, x, y, **optional) -> Ticket:
+    """``PRUNERS[name]`` with those ``optional`` arguments its function takes (a resumable pruner takes
+    ``state_dir``, a long one ``progress``)."""
+    fn = PRUNERS[name]
+    accepted = inspect.signature(fn).parameters
+    return fn(model, cfg, x, y, **{k: v for k, v in optional.items() if k in accepted})
+
+
 def find_ticket(model: nn.Module, cfg: RunConfig, x: torch.Tensor, y: torch.Tensor,
                 state_dir: str | None = None, progress: bool = True) -> Ticket:
     """Run ``cfg.prune.method`` on ``model`` (dense, at initialisation; not modified) with training data (x, y).
@@ -55,9 +63,7 @@ def find_ticket(model: nn.Module, cfg: RunConfig, x: torch.Tensor, y: torch.Tens
     import torch._dynamo  # noqa: F401  (the first optimizer built in a process imports it: seconds of one-time
     #                                   library loading that a search would otherwise be billed for)
     started = time.perf_counter()
-    fn = PRUNERS[cfg.prune.method]
-    resumable = "state_dir" in inspect.signature(fn).parameters
-    ticket = fn(model, cfg, x, y, state_dir=state_dir, progress=progress) if resumable else fn(model, cfg, x, y)
+    ticket = call_pruner(cfg.prune.method, model, cfg, x, y, state_dir=state_dir, progress=progress)
     ticket.info.update(method=cfg.prune.method, density_target=cfg.prune.density, scope=scope_of(cfg),
                        density=ticket.mask.density(), seconds=time.perf_counter() - started)
     if "search_seconds" in ticket.info:  # a resumed search: its own clock includes the runs before the kill

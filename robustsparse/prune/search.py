@@ -49,7 +49,7 @@ from ..progress import progress_bar
 from ..runs.checkpoint import load_checkpoint, save_checkpoint
 from ..sparse import Mask, apply_mask, prunable_parameters
 from ..sparse.mask import _top
-from .registry import Ticket, init_method_of, scope_of
+from .registry import Ticket, call_pruner, init_method_of, scope_of
 
 KILL_AT_ITER_ENV = "ROBUSTSPARSE_KILL_AT_STEP"  # the trainer's fault injection, read as a search iteration here
 STATE_LABEL = "search"
@@ -66,15 +66,14 @@ def _select_fixed(scores: dict, counts: dict) -> Mask:
                           for n, s in scores.items()})
 
 
-def _initial_mask(model, cfg, x, y, scope, theta0, names) -> Mask:
+def _initial_mask(model, cfg, x, y, scope, theta0, names, progress) -> Mask:
     """NTT starts from the top-d |θ₀|; ``prune.init_method`` may name another at-init scorer (same scope)."""
     method = init_method_of(cfg)
     if method == "magnitude":
         return _select({n: theta0[n].abs() for n in names}, cfg, scope)
-    from .registry import PRUNERS
     init_cfg = copy.deepcopy(cfg)
     init_cfg.prune.method, init_cfg.prune.scope = method, scope
-    return PRUNERS[method](model, init_cfg, x, y).mask
+    return call_pruner(method, model, init_cfg, x, y, progress=progress).mask
 
 
 def _iter_seed(seed: int, it: int) -> int:
@@ -109,7 +108,7 @@ def ntk_search(model, cfg, x, y, points: str, state_dir: str | None = None, prog
     student = copy.deepcopy(model).eval()
     names = list(prunable_parameters(student))
     theta0 = {n: q.detach().clone() for n, q in student.named_parameters()}
-    mask = _initial_mask(model, cfg, x, y, scope, theta0, names)
+    mask = _initial_mask(model, cfg, x, y, scope, theta0, names, progress)
     counts = {n: int(m.sum()) for n, m in mask.items()}
     fixed = p.allocation == "fixed" and getattr(p, "structure", "unstructured") == "unstructured"
 
