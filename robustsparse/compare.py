@@ -151,6 +151,10 @@ def _row(method, density, ev, run_dir, prune_s, train_s, ntk_dist, stages):
                                      "seconds": sum(s["seconds"] for s in stages)}}
 
 
+def _markdown_table(head: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(c) + " |" for c in body]
+
+
 def search_cost_lines(rows: list[dict]) -> str:
     """One line per searched ticket (ntt, awt): its search's wall time as a share of the PGD-AT that followed."""
     lines = [f"- {r['method']} at density {r['density']:g}: search {r['prune_seconds']:.1f} s = "
@@ -165,12 +169,10 @@ def _write_results(out: str, rows: list[dict], suite: str) -> None:
     items = list(rows[0]["accuracy"])
     head = ["method", "density"] + [rows[0]["attacks"][i] for i in items] + \
         ["non-zero params", "NTK dist @init (adv. probe)", "training epochs (total)", "training wall s (total)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["method"], f"{r['density']:g}"] + [f"{r['accuracy'][i]:.2%}" for i in items] + \
-            [f"{r['nonzero_params']:,}", "n/a" if r["ntk_distance_at_init"] is None else
-             f"{r['ntk_distance_at_init']:.4f}", *cost_cells(r["cost"]["stages"])]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = _markdown_table(head, [
+        [r["method"], f"{r['density']:g}"] + [f"{r['accuracy'][i]:.2%}" for i in items] +
+        [f"{r['nonzero_params']:,}", "n/a" if r["ntk_distance_at_init"] is None else
+         f"{r['ntk_distance_at_init']:.4f}", *cost_cells(r["cost"]["stages"])] for r in rows])
     write_text_atomic(os.path.join(out, "results.md"), "# Density–robustness grid\n\n" + "\n".join(lines) + "\n\n" +
                       COST_NOTE + search_cost_lines(rows) + "\n\n![density vs robustness](density_robustness.png)\n")
     plot_density_robustness(rows, os.path.join(out, "density_robustness.png"))
@@ -226,14 +228,10 @@ def _write_seed_results(out: str, rows: list[dict], seeds: list[int]) -> None:
     items = list(rows[0]["accuracy"])
     head = ["method", "density"] + [rows[0]["attacks"][i] for i in items] + \
         ["non-zero params", "NTK dist @init (adv. probe)", "wall s per seed (mean)"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        ntk = "n/a" if r["ntk_distance_at_init"] is None else \
-            f"{r['ntk_distance_at_init']:.4f} ± {r['ntk_distance_std']:.4f}"
-        cells = [r["method"], f"{r['density']:g}"] + \
-            [f"{r['accuracy'][i]:.2%} ± {r['accuracy_std'][i]:.2%}" for i in items] + \
-            [f"{r['nonzero_params']:,}", ntk, f"{r['mean_seconds']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines = _markdown_table(head, [
+        [r["method"], f"{r['density']:g}"] + [f"{r['accuracy'][i]:.2%} ± {r['accuracy_std'][i]:.2%}" for i in items] +
+        [f"{r['nonzero_params']:,}", "n/a" if r["ntk_distance_at_init"] is None else
+         f"{r['ntk_distance_at_init']:.4f} ± {r['ntk_distance_std']:.4f}", f"{r['mean_seconds']:.0f}"] for r in rows])
     text = (f"# Density–robustness grid over {len(seeds)} seeds ({', '.join(map(str, seeds))})\n\n"
             "Mean ± sample standard deviation over the seeds (train.seed = prune.seed = s: θ₀, the pruners' "
             "draws and training all change). Each seed's own table, costs and search shares: seed<s>/results.md.\n\n"

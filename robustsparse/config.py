@@ -90,8 +90,9 @@ class PruneConfig:
     synflow_rounds: int = 100
     seed: int = 0
     # NTT / AWT search (method-notes §4(b).2-3)
-    # Defaults measured on digits (docs/results/digits.md "AWT: the search"): a short, full-kernel search costing
-    # well under 10% of the PGD-AT that follows. NTT ran 20 epochs of batch-64 steps at Adam 5e-4, lambda_ker 1e-3.
+    # Defaults measured on digits (docs/results/digits.md, "AWT: the search, measured"): a short, full-kernel
+    # search costing well under 10% of the PGD-AT that follows. NTT ran 20 epochs of batch-64 steps at Adam 5e-4,
+    # lambda_ker 1e-3.
     search_iters: int = 20  # optimisation steps
     search_batch: int = 4  # images per step, split in two halves for the NTK pair (x1, x2)
     search_lr: float = 5e-3  # Adam (a larger step than NTT's 5e-4: the search is ~100x shorter)
