@@ -187,3 +187,14 @@ def test_a_search_started_from_synflow_shows_no_progress_bar_when_asked_not_to(t
     assert "SynFlow" not in capfd.readouterr().err
     prune_to_folder(cfg, str(tmp_path / "loud"), progress=True)
     assert "SynFlow rounds" in capfd.readouterr().err
+
+
+def test_a_prune_killed_while_writing_its_config_can_be_started_again(tmp_path):
+    out = tmp_path / "t"
+    out.mkdir()
+    (out / "config.yaml.tmp").write_text("method: magn")  # the kill landed inside the atomic write
+    assert main(["prune", "digits_pgdat", *TINY, "--method", "magnitude", "--density", "0.2", "--out", str(out)]) == 0
+    assert not (out / "config.yaml.tmp").exists() and (out / "ticket.json").exists()
+    (tmp_path / "u").mkdir()
+    (tmp_path / "u" / "other.txt").write_text("x")  # anything else is still refused
+    assert main(["prune", "digits_pgdat", "--method", "magnitude", "--out", str(tmp_path / "u")]) == 2

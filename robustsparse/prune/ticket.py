@@ -42,7 +42,8 @@ def prune_to_folder(cfg: RunConfig | None, out: str, progress: bool = True, resu
             mask = Mask({k[:-len(".weight_mask")] + ".weight": v for k, v in state.items()
                          if k.endswith(".weight_mask")})
             return Ticket(mask=mask, state=state, info=meta["prune"])
-    elif os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    elif os.path.exists(out) and (not os.path.isdir(out) or set(os.listdir(out)) - {"config.yaml.tmp"}):
+        # (a lone config.yaml.tmp: a start killed while writing its config, before any work; it is overwritten)
         raise UserError(f"{out} already exists and is not empty; pick another --out (or --resume a killed prune)")
     device = resolve_device(cfg.train.device)
     x, y = (v.to(device) for v in load_split(cfg, "train"))
