@@ -9,8 +9,11 @@ evaluated by the one evaluator, in one table and one density–robustness plot.
     <out>/results.json, results.md, density_robustness.png
 
 Each cell is skipped when its eval.json exists and resumed when its run was interrupted, so a killed grid is
-continued by running the same command again. The NTK distance column is ‖Θ_ticket − Θ_dense‖_F / ‖Θ_dense‖_F at
-initialisation on a fixed probe set of PGD points of the dense θ₀ (the quantity AWT minimises). With
+continued by running the same command again. The NTK distance columns are ‖Θ_ticket − Θ_dense‖_F / ‖Θ_dense‖_F at
+initialisation on a fixed probe set of PGD points of the dense θ₀ (the quantity AWT minimises), twice: with the
+batch-norm running statistics of initialisation, (0, 1), under which BN is the identity (the search's default
+``prune.bn_stats=init``), and with each network's BN statistics on the first ``prune.bn_samples`` training images,
+the normalised network that training's batch-statistics BN sees (``prune.bn_stats=batch``). With
 ``--dynamics`` every run also records the NTK and outputs on that probe each epoch, and dynamics.png overlays each
 ticket's distance to dense over training (dynamics.py).
 """
@@ -44,13 +47,21 @@ def _cell_name(method: str, density: float) -> str:
     return f"{method}-d{density:g}"
 
 
-def ntk_distance_at_init(cfg: RunConfig, ticket_state: dict, dense_init, probe) -> float:
+def ntk_distances_at_init(ticket_state: dict, dense_init, probe, x_bn) -> tuple[float, float]:
+    """(distance with BN at its initial statistics, distance with each network's BN statistics on ``x_bn``)."""
     from .ntk import empirical_ntk, ntk_distance
+    from .prune.search import calibrate_bn
     from .prune.ticket import load_model_state
     sparse = copy.deepcopy(dense_init)
     load_model_state(sparse, ticket_state)
-    with torch.no_grad():
-        return float(ntk_distance(empirical_ntk(sparse.eval(), probe), empirical_ntk(dense_init.eval(), probe)))
+    out = []
+    for teacher, student in ((dense_init, sparse), (copy.deepcopy(dense_init), copy.deepcopy(sparse))):
+        if out:  # the second pass: batch statistics
+            calibrate_bn(teacher, None, x_bn)
+            calibrate_bn(student, None, x_bn)
+        with torch.no_grad():
+            out.append(float(ntk_distance(empirical_ntk(student.eval(), probe), empirical_ntk(teacher.eval(), probe))))
+    return out[0], out[1]
 
 
 def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out: str,
@@ -58,7 +69,7 @@ def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out:
     """Run (or continue) the grid in ``out``; ``dynamics`` records NTK/output dynamics and plots dynamics.png."""
     from .prune import PRUNERS
     from .prune.ticket import load_ticket, prune_to_folder
-    from .train.trainer import build_from_spec, model_spec
+    from .train.trainer import build_from_spec, load_split, model_spec
 
     unknown = [m for m in methods if m not in PRUNERS and not is_after_training(m)]
     if unknown:
@@ -90,6 +101,7 @@ def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out:
     torch.manual_seed(cfg.train.seed)
     dense_init = build_from_spec(spec).eval()
     probe = make_probe(cfg, dense_init)
+    x_bn = load_split(cfg, "train")[0][: cfg.prune.bn_samples].to(probe.device)
     rows = []
 
     def say(msg):
@@ -98,7 +110,7 @@ def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out:
     dense_dir = os.path.join(out, "dense")
     say("dense PGD-AT")
     seconds = _train_cell(dense_cell_config(cfg, methods), dense_dir, progress)
-    rows.append(_row("dense", 1.0, _eval_run(dense_dir, suite, progress=progress), dense_dir, 0.0, seconds, 0.0,
+    rows.append(_row("dense", 1.0, _eval_run(dense_dir, suite, progress=progress), dense_dir, 0.0, seconds, (0.0, 0.0),
                      [{"stage": "dense training", "epochs": cfg.train.epochs, "seconds": seconds}]))
     for density in densities:
         for method in methods:
@@ -106,7 +118,7 @@ def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out:
                 say(f"{method} at density {density:g}: after training, from the dense cell")
                 run_dir, ev, stages = after_training_cell(cfg, method, density, densities, out, dense_dir, suite,
                                                           progress)
-                rows.append({**_row(method, density, ev, run_dir, None, None, None, stages),
+                rows.append({**_row(method, density, ev, run_dir, None, None, (None, None), stages),
                              "family": "after training"})
                 continue
             cell = os.path.join(out, _cell_name(method, density))
@@ -124,7 +136,7 @@ def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out:
             cell_cfg.train.ticket = ticket_dir
             say(f"{method} at density {density:g}: adversarial training of the ticket")
             seconds = _train_cell(cell_cfg, run_dir, progress)
-            dist = ntk_distance_at_init(cfg, state, dense_init, probe)
+            dist = ntk_distances_at_init(state, dense_init, probe, x_bn)
             stages = [{"stage": "prune", "epochs": 0, "seconds": meta["prune"]["seconds"]},
                       {"stage": "adversarial training", "epochs": cell_cfg.train.epochs, "seconds": seconds}]
             ev = _eval_run(run_dir, suite, progress=progress)
@@ -137,7 +149,7 @@ def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out:
     return rows
 
 
-def _row(method, density, ev, run_dir, prune_s, train_s, ntk_dist, stages):
+def _row(method, density, ev, run_dir, prune_s, train_s, ntk_dists, stages):
     import robustsparse as rs
     from .sparse import sparsity_report
     meta = rs.load_meta(run_dir)
@@ -146,9 +158,20 @@ def _row(method, density, ev, run_dir, prune_s, train_s, ntk_dist, stages):
     return {"method": method, "density": density, "accuracy": ev["accuracy"], "attacks": ev["attacks"],
             "worst_case": ev["worst_case"], "nonzero_params": report.nonzero_params,
             "total_params": report.total_params, "sparse_macs": report.sparse_macs, "prune_seconds": prune_s,
-            "train_seconds": train_s, "ntk_distance_at_init": ntk_dist, "warnings": ev["warnings"],
+            "train_seconds": train_s, "ntk_distance_at_init": ntk_dists[0],
+            "ntk_distance_at_init_batch_bn": ntk_dists[1], "warnings": ev["warnings"],
             "run": run_dir, "cost": {"stages": stages, "epochs": sum(s["epochs"] for s in stages),
                                      "seconds": sum(s["seconds"] for s in stages)}}
+
+
+NTK_KEYS = ("ntk_distance_at_init", "ntk_distance_at_init_batch_bn")
+NTK_HEADS = ("NTK dist @init (adv. probe, BN at init stats)", "NTK dist @init (adv. probe, BN batch stats)")
+
+
+def _distance_cell(value, std=None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.4f}" if std is None else f"{value:.4f} ± {std:.4f}"
 
 
 def _markdown_table(head: list[str], body: list[list[str]]) -> list[str]:
@@ -168,11 +191,11 @@ def _write_results(out: str, rows: list[dict], suite: str) -> None:
     write_json_atomic(os.path.join(out, "results.json"), rows, sort_keys=False)
     items = list(rows[0]["accuracy"])
     head = ["method", "density"] + [rows[0]["attacks"][i] for i in items] + \
-        ["non-zero params", "NTK dist @init (adv. probe)", "training epochs (total)", "training wall s (total)"]
+        ["non-zero params", *NTK_HEADS, "training epochs (total)", "training wall s (total)"]
     lines = _markdown_table(head, [
         [r["method"], f"{r['density']:g}"] + [f"{r['accuracy'][i]:.2%}" for i in items] +
-        [f"{r['nonzero_params']:,}", "n/a" if r["ntk_distance_at_init"] is None else
-         f"{r['ntk_distance_at_init']:.4f}", *cost_cells(r["cost"]["stages"])] for r in rows])
+        [f"{r['nonzero_params']:,}", *(_distance_cell(r.get(k)) for k in NTK_KEYS),
+         *cost_cells(r["cost"]["stages"])] for r in rows])
     write_text_atomic(os.path.join(out, "results.md"), "# Density–robustness grid\n\n" + "\n".join(lines) + "\n\n" +
                       COST_NOTE + search_cost_lines(rows) + "\n\n![density vs robustness](density_robustness.png)\n")
     plot_density_robustness(rows, os.path.join(out, "density_robustness.png"))
@@ -209,15 +232,15 @@ def seed_statistics(per_seed: list[list[dict]]) -> list[dict]:
     for cells in zip(*per_seed):
         first = cells[0]
         acc = {k: _mean_std([c["accuracy"][k] for c in cells]) for k in first["accuracy"]}
-        ntk = None if first["ntk_distance_at_init"] is None else _mean_std([c["ntk_distance_at_init"] for c in cells])
+        ntk = {k: None if first.get(k) is None else _mean_std([c[k] for c in cells]) for k in NTK_KEYS}
         seconds = [c["cost"]["seconds"] for c in cells]
         rows.append({"method": first["method"], "density": first["density"], "family": first.get("family"),
                      "seeds": len(cells), "accuracy": {k: m for k, (m, _) in acc.items()},
                      "accuracy_std": {k: s for k, (_, s) in acc.items()}, "attacks": first["attacks"],
                      "per_seed_accuracy": {k: [c["accuracy"][k] for c in cells] for k in first["accuracy"]},
                      "nonzero_params": round(sum(c["nonzero_params"] for c in cells) / len(cells)),
-                     "ntk_distance_at_init": None if ntk is None else ntk[0],
-                     "ntk_distance_std": None if ntk is None else ntk[1],
+                     **{k: None if ntk[k] is None else ntk[k][0] for k in NTK_KEYS},
+                     **{f"{k}_std": None if ntk[k] is None else ntk[k][1] for k in NTK_KEYS},
                      "mean_seconds": sum(seconds) / len(seconds)})
     return rows
 
@@ -227,11 +250,11 @@ def _write_seed_results(out: str, rows: list[dict], seeds: list[int]) -> None:
     write_json_atomic(os.path.join(out, "results.json"), {"seeds": seeds, "rows": rows}, sort_keys=False)
     items = list(rows[0]["accuracy"])
     head = ["method", "density"] + [rows[0]["attacks"][i] for i in items] + \
-        ["non-zero params", "NTK dist @init (adv. probe)", "wall s per seed (mean)"]
+        ["non-zero params", *NTK_HEADS, "wall s per seed (mean)"]
     lines = _markdown_table(head, [
         [r["method"], f"{r['density']:g}"] + [f"{r['accuracy'][i]:.2%} ± {r['accuracy_std'][i]:.2%}" for i in items] +
-        [f"{r['nonzero_params']:,}", "n/a" if r["ntk_distance_at_init"] is None else
-         f"{r['ntk_distance_at_init']:.4f} ± {r['ntk_distance_std']:.4f}", f"{r['mean_seconds']:.0f}"] for r in rows])
+        [f"{r['nonzero_params']:,}", *(_distance_cell(r[k], r[f"{k}_std"]) for k in NTK_KEYS),
+         f"{r['mean_seconds']:.0f}"] for r in rows])
     text = (f"# Density–robustness grid over {len(seeds)} seeds ({', '.join(map(str, seeds))})\n\n"
             "Mean ± sample standard deviation over the seeds (train.seed = prune.seed = s: θ₀, the pruners' "
             "draws and training all change). Each seed's own table, costs and search shares: seed<s>/results.md.\n\n"

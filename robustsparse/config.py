@@ -109,6 +109,9 @@ class PruneConfig:
     #                                            awt synflow; measured on digits, docs/results/digits.md)
     allocation: str = "fixed"  # ntt/awt mask updates: fixed (per-layer counts of the initial mask) | rescope
     ticket_weights: str = "searched"  # ntt/awt ticket starts from m*theta_s ("searched", NTT) or m*theta_0 ("init")
+    bn_stats: str = "init"  # ntt/awt: BN statistics of the search's eval-mode passes: init (0, 1) | batch (those
+    #                          of the first bn_samples training images, recomputed for the student every step)
+    bn_samples: int = 256
     checkpoint_every: int = 10  # ntt/awt: save the resumable search state every N iterations (0: never)
     # After-training pruning (`robustsparse posttrain`, robustsparse/posttrain.py). Defaults sized for digits, whose
     # dense PGD-AT is 30 epochs of 19 steps. HYDRA's CIFAR recipe is 20 score + 100 fine-tune epochs after 100
@@ -245,6 +248,8 @@ class RunConfig:
         _range("prune.mask_update_every", p.mask_update_every, lo=1)
         _choice("prune.points", p.points, ("adversarial", "clean", "both"))
         _choice("prune.attack_target", p.attack_target, ("dense", "student"))
+        _choice("prune.bn_stats", p.bn_stats, ("init", "batch"))
+        _range("prune.bn_samples", p.bn_samples, lo=2)  # batch statistics need two images
         _choice("prune.mode", p.mode, ("weights", "mask_only"))
         _choice("prune.ntk_mode", p.ntk_mode, ("full", "trace", "projected"))
         if p.init_method is not None:

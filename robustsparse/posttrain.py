@@ -35,7 +35,7 @@ import yaml
 from .config import RunConfig, config_from_dict
 from .errors import UserError
 from .prune.after import AFTER_TRAINING, Outcome
-from .runs.atomic import write_json_atomic, write_text_atomic, write_yaml_atomic
+from .runs.atomic import holds_nothing_but, write_json_atomic, write_text_atomic, write_yaml_atomic
 from .runs.checkpoint import find_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from .stages import eval_stage, is_finished, recorded_seconds, run_epochs, train_stage
 
@@ -255,7 +255,7 @@ def posttrain(cfg: RunConfig | None, out: str, method: str | None = None, densit
                             "another --out")
     elif resume:
         raise UserError(f"--resume: {out} holds no posttrain run ({REQUEST} missing)")
-    elif os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    elif not holds_nothing_but(out, REQUEST):
         raise UserError(f"{out} already exists and is not a posttrain run; pick another --out")
     else:
         from .train.trainer import load_split

@@ -222,6 +222,32 @@ def test_cli_resume_of_an_empty_folder_and_a_changed_request_are_refused(tmp_pat
     assert main(base) == 0  # the same request continues (nothing left to do)
 
 
+def test_a_start_killed_while_writing_its_first_file_can_be_started_again(tmp_path, pretrained):
+    """A kill inside the atomic write of posttrain.yaml / config.yaml leaves only its .tmp: no work, so a new start
+    takes the folder (and --resume, which has nothing to read, refuses it); anything else is still refused."""
+    lwm = tmp_path / "lwm"
+    lwm.mkdir()
+    (lwm / "posttrain.yaml.tmp").write_text("method: lw")
+    assert main(["posttrain", "--resume", "--out", str(lwm)]) == 2
+    assert main(["posttrain", "digits_pgdat", *TINY, "--method", "lwm", "--density", "0.2", "--pretrained",
+                 pretrained, "--suite", "none", "--no-progress", "--out", str(lwm)]) == 0
+    assert (lwm / "posttrain.yaml").exists() and not (lwm / "posttrain.yaml.tmp").exists()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml.tmp").write_text("data: {na")
+    assert main(["train", "digits_pgdat", *TINY, "train.epochs=1", "--out", str(run), "--no-progress"]) == 0
+    from robustsparse.stages import is_finished
+    assert is_finished(str(run))
+    assert not (run / "config.yaml.tmp").exists()
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "config.yaml.tmp").write_text("x")
+    (taken / "notes.txt").write_text("mine")
+    assert main(["train", "digits_pgdat", *TINY, "--out", str(taken), "--no-progress"]) == 2
+    assert main(["posttrain", "digits_pgdat", *TINY, "--method", "lwm", "--density", "0.2", "--pretrained",
+                 pretrained, "--suite", "none", "--no-progress", "--out", str(taken)]) == 2
+
+
 def test_compare_puts_after_training_methods_in_the_grid_with_total_cost(tmp_path, pretrained):
     from robustsparse.compare import run_compare
     out = tmp_path / "grid"

@@ -63,13 +63,59 @@ def test_a_ticket_for_another_architecture_is_refused(tmp_path):
 
 @pytest.mark.parametrize("overrides", [["prune.mode=weights"], ["prune.mode=mask_only"],
                                        ["prune.ntk_mode=projected"], ["prune.points=both"],
-                                       ["prune.attack_target=student"]])
+                                       ["prune.attack_target=student"], ["prune.bn_stats=batch"],
+                                       ["prune.bn_stats=batch", "prune.attack_target=student"]])
 def test_awt_search_variants_run_and_keep_exact_density(tmp_path, overrides):
     cfg = load_config("digits_pgdat", TINY + ["prune.method=awt", "prune.density=0.1"] + overrides)
     ticket = prune_to_folder(cfg, str(tmp_path / "t"), progress=False)
     assert ticket.mask.density() == pytest.approx(0.1, abs=1e-4)
     log = ticket.info["log"]
     assert log and all(torch.isfinite(torch.tensor(r["loss"])) for r in log)
+
+
+def test_calibrate_bn_sets_each_layer_to_its_batch_statistics_and_leaves_eval_mode():
+    from robustsparse.prune.search import calibrate_bn
+    torch.manual_seed(0)
+    model = rs.build_model("cnn", 1, 10, (8, 8), width=8)
+    x = torch.rand(32, 1, 8, 8)
+    bn = model.net.features[1]
+    momentum = bn.momentum
+    calibrate_bn(model, None, x)
+    with torch.no_grad():
+        pre = model.net.features[0](model.normalize(x))  # the first BN's input
+    assert not model.training and bn.momentum == momentum
+    assert torch.allclose(bn.running_mean, pre.mean((0, 2, 3)), atol=1e-6)
+    assert torch.allclose(bn.running_var, pre.var((0, 2, 3), unbiased=True), rtol=1e-4)
+    params = {n: q * 2 for n, q in model.named_parameters()}  # stand-in weights: statistics follow them
+    calibrate_bn(model, params, x)
+    assert torch.allclose(bn.running_mean, 2 * pre.mean((0, 2, 3)), atol=1e-5)
+
+
+def test_a_batch_statistics_search_brings_the_ticket_closer_to_dense_under_batch_statistics(tmp_path):
+    """What bn_stats=batch is for: the kernel that training's batch-statistics BN sees gets closer to dense."""
+    import copy
+    from robustsparse.ntk import empirical_ntk, ntk_distance
+    from robustsparse.prune.search import calibrate_bn
+    from robustsparse.prune.ticket import load_model_state
+    base = TINY + ["prune.method=awt", "prune.density=0.1", "prune.search_iters=12", "prune.search_batch=4",
+                   "prune.mask_update_every=100", "prune.bn_stats=batch", "prune.bn_samples=64"]
+    searched = prune_to_folder(load_config("digits_pgdat", base), str(tmp_path / "a"), progress=False)
+    start = prune_to_folder(load_config("digits_pgdat", base + ["prune.search_iters=0"]), str(tmp_path / "s"),
+                            progress=False)
+    assert all(torch.equal(searched.mask[n], start.mask[n]) for n in start.mask.keys())  # the mask is kept
+    x, _ = rs.load_dataset("digits", split="train")
+    torch.manual_seed(0)
+    dense = rs.build_model("cnn", 1, 10, (8, 8), width=8)
+    calibrate_bn(dense, None, x[:64])
+    probe = x[100:108]
+
+    def distance(ticket):
+        sparse = copy.deepcopy(dense)
+        load_model_state(sparse, ticket.state)
+        calibrate_bn(sparse, None, x[:64])
+        return float(ntk_distance(empirical_ntk(sparse, probe), empirical_ntk(dense, probe)))
+
+    assert distance(searched) < 0.9 * distance(start)
 
 
 def test_fixed_allocation_keeps_the_initial_layer_counts_and_rescope_may_not(tmp_path):
@@ -141,9 +187,11 @@ def test_compare_grid_writes_table_and_plot_and_resumes(tmp_path, capsys):
         assert "PGD-3" in r["attacks"]["pgd-3"]
     assert rows[1]["nonzero_params"] < rows[0]["nonzero_params"]
     assert rows[0]["ntk_distance_at_init"] == 0.0 and rows[1]["ntk_distance_at_init"] > 0
+    assert rows[0]["ntk_distance_at_init_batch_bn"] == 0.0 and rows[1]["ntk_distance_at_init_batch_bn"] > 0
+    assert rows[1]["ntk_distance_at_init_batch_bn"] != rows[1]["ntk_distance_at_init"]  # another network
     assert os.path.exists(os.path.join(out, "density_robustness.png"))
     table = open(os.path.join(out, "results.md")).read()
-    assert "NTK dist" in table and "awt" in table
+    assert "BN at init stats" in table and "BN batch stats" in table and "awt" in table
     share = rows[2]["prune_seconds"] / rows[2]["train_seconds"]
     assert f"- awt at density 0.2: search {rows[2]['prune_seconds']:.1f} s = {share:.1%} of its adversarial" in table
     assert "- magnitude at density" not in table  # only searched tickets have a search cost line
@@ -174,6 +222,8 @@ def test_compare_over_seeds_reports_mean_and_std_of_the_per_seed_grids(tmp_path,
         assert row["per_seed_accuracy"]["pgd-3"] == values
         assert row["accuracy"]["pgd-3"] == pytest.approx(sum(values) / 2)
         assert row["accuracy_std"]["pgd-3"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5)
+        distances = [grid[i]["ntk_distance_at_init_batch_bn"] for grid in per_seed]
+        assert row["ntk_distance_at_init_batch_bn"] == pytest.approx(sum(distances) / 2)
     assert per_seed[0][0]["nonzero_params"] == per_seed[1][0]["nonzero_params"]
     table = open(os.path.join(out, "results.md")).read()
     assert "over 2 seeds (0, 1)" in table and "±" in table and "PGD-3" in table

@@ -19,7 +19,7 @@ import yaml
 
 from ..config import RunConfig
 from ..errors import UserError
-from ..runs.atomic import write_json_atomic, write_text_atomic, write_yaml_atomic
+from ..runs.atomic import holds_nothing_but, write_json_atomic, write_text_atomic, write_yaml_atomic
 from ..runs.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from ..sparse import sparsity_report
 from .registry import Ticket, find_ticket
@@ -42,8 +42,7 @@ def prune_to_folder(cfg: RunConfig | None, out: str, progress: bool = True, resu
             mask = Mask({k[:-len(".weight_mask")] + ".weight": v for k, v in state.items()
                          if k.endswith(".weight_mask")})
             return Ticket(mask=mask, state=state, info=meta["prune"])
-    elif os.path.exists(out) and (not os.path.isdir(out) or set(os.listdir(out)) - {"config.yaml.tmp"}):
-        # (a lone config.yaml.tmp: a start killed while writing its config, before any work; it is overwritten)
+    elif not holds_nothing_but(out, "config.yaml"):
         raise UserError(f"{out} already exists and is not empty; pick another --out (or --resume a killed prune)")
     device = resolve_device(cfg.train.device)
     x, y = (v.to(device) for v in load_split(cfg, "train"))

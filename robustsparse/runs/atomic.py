@@ -18,6 +18,15 @@ def _tmp_name(path: str) -> str:
     return f"{path}.tmp"
 
 
+def holds_nothing_but(folder: str, first_file: str) -> bool:
+    """True if ``folder`` is missing, empty, or holds only the temporary of ``first_file``: what a start killed
+    while writing its first file leaves. Such a folder has no work in it, so a new start may use it (and
+    overwrites the temporary); a folder holding anything else is someone's run."""
+    if not os.path.exists(folder):
+        return True
+    return os.path.isdir(folder) and set(os.listdir(folder)) <= {_tmp_name(first_file)}
+
+
 def fsync_folder(folder: str) -> None:
     """Make a rename inside ``folder`` durable (the directory entry itself is data too)."""
     fd = os.open(folder or ".", os.O_RDONLY)

@@ -24,7 +24,7 @@ from ..errors import UserError
 from ..models import build_model
 from ..progress import progress_bar
 from ..prune.ticket import load_model_state
-from ..runs.atomic import write_yaml_atomic
+from ..runs.atomic import holds_nothing_but, write_yaml_atomic
 from ..runs.checkpoint import newest_intact, save_checkpoint
 from ..runs.logger import MetricsLog, write_status
 from .distributed import RowsOnly
@@ -97,10 +97,10 @@ def run_config(out: str, cfg: RunConfig | None, resume: bool) -> RunConfig:
         return saved
     if cfg is None:
         raise UserError("a new run needs a config")
-    if os.path.isdir(out) and os.listdir(out):
-        raise UserError(f"{out} already exists and is not empty; use --resume to continue it or pick another --out")
     if os.path.exists(out) and not os.path.isdir(out):
         raise UserError(f"{out} exists and is a file, not a run folder")
+    if not holds_nothing_but(out, "config.yaml"):
+        raise UserError(f"{out} already exists and is not empty; use --resume to continue it or pick another --out")
     return cfg
 
 
