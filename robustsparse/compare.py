@@ -54,14 +54,16 @@ def ntk_distances_at_init(ticket_state: dict, dense_init, probe, x_bn) -> tuple[
     from .prune.ticket import load_model_state
     sparse = copy.deepcopy(dense_init)
     load_model_state(sparse, ticket_state)
-    out = []
-    for teacher, student in ((dense_init, sparse), (copy.deepcopy(dense_init), copy.deepcopy(sparse))):
-        if out:  # the second pass: batch statistics
-            calibrate_bn(teacher, None, x_bn)
-            calibrate_bn(student, None, x_bn)
+
+    def distance(teacher, student) -> float:
         with torch.no_grad():
-            out.append(float(ntk_distance(empirical_ntk(student.eval(), probe), empirical_ntk(teacher.eval(), probe))))
-    return out[0], out[1]
+            return float(ntk_distance(empirical_ntk(student.eval(), probe), empirical_ntk(teacher.eval(), probe)))
+
+    at_init = distance(dense_init, sparse)
+    teacher = copy.deepcopy(dense_init)
+    calibrate_bn(teacher, None, x_bn)
+    calibrate_bn(sparse, None, x_bn)
+    return at_init, distance(teacher, sparse)
 
 
 def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out: str,

@@ -151,12 +151,14 @@ def test_awt_search_killed_mid_way_resumes_to_the_same_ticket(tmp_path):
     run = lambda a, extra=None: subprocess.run([sys.executable, "-m", "robustsparse", *a],  # noqa: E731
                                                env={**env, **(extra or {})}, capture_output=True, text=True,
                                                timeout=300)
-    assert run(args + [str(tmp_path / "ref")]).returncode == 0
+    ref = run(args + [str(tmp_path / "ref")])
+    assert ref.returncode == 0 and "SynFlow rounds" in ref.stderr  # AWT's starting mask
     dead = run(args + [str(tmp_path / "k")], {"ROBUSTSPARSE_KILL_AT_STEP": "5"})
     assert dead.returncode == -9, dead.stderr
     assert os.path.exists(tmp_path / "k" / "search-state" / "search.json")
     resumed = run(["prune", "--resume", "--out", str(tmp_path / "k")])
     assert resumed.returncode == 0, resumed.stderr
+    assert "SynFlow rounds" not in resumed.stderr  # the saved mask is the start; the scorer is not run again
     (a, _), (b, _) = load_ticket(str(tmp_path / "ref")), load_ticket(str(tmp_path / "k"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not os.path.exists(tmp_path / "k" / "search-state")  # cleaned up once the ticket is written

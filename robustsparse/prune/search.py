@@ -138,13 +138,8 @@ def ntk_search(model, cfg, x, y, points: str, state_dir: str | None = None, prog
         calibrate_bn(teacher, None, x_bn)
     names = list(prunable_parameters(student))
     theta0 = {n: q.detach().clone() for n, q in student.named_parameters()}
-    mask = _initial_mask(model, cfg, x, y, scope, theta0, names, progress)
-    counts = {n: int(m.sum()) for n, m in mask.items()}
-    fixed = p.allocation == "fixed" and getattr(p, "structure", "unstructured") == "unstructured"
-
-    def reselect(scores):
-        return _select_fixed(scores, counts) if fixed else _select(scores, cfg, scope)
-
+    resuming = state_dir is not None and os.path.exists(os.path.join(state_dir, f"{STATE_LABEL}.json"))
+    mask = None if resuming else _initial_mask(model, cfg, x, y, scope, theta0, names, progress)  # resume: saved
     mask_only = p.mode == "mask_only"
     if mask_only:
         for q in student.parameters():
@@ -160,8 +155,13 @@ def ntk_search(model, cfg, x, y, points: str, state_dir: str | None = None, prog
     with torch.no_grad():
         f_t_dim = teacher(x[:1]).shape[1]
     start, log, spent = 0, [], 0.0
-    if state_dir is not None and os.path.exists(os.path.join(state_dir, f"{STATE_LABEL}.json")):
-        start, log, spent, mask = _load_state(state_dir, trained, optimizer, mask)
+    if resuming:
+        start, log, spent, mask = _load_state(state_dir, trained, optimizer, names)
+    counts = {n: int(m.sum()) for n, m in mask.items()}  # every update keeps them under allocation=fixed
+    fixed = p.allocation == "fixed" and getattr(p, "structure", "unstructured") == "unstructured"
+
+    def reselect(scores):
+        return _select_fixed(scores, counts) if fixed else _select(scores, cfg, scope)
 
     def effective_params():
         if mask_only:
@@ -255,7 +255,7 @@ def _save_state(folder, it, log, seconds, trained: dict, optimizer, mask: Mask) 
     save_checkpoint(folder, STATE_LABEL, tensors, {"iteration": it, "log": log, "seconds": seconds})
 
 
-def _load_state(folder, trained: dict, optimizer, mask: Mask):
+def _load_state(folder, trained: dict, optimizer, mask_names: list[str]):
     tensors, meta = load_checkpoint(os.path.join(folder, f"{STATE_LABEL}.json"))
     with torch.no_grad():
         for n, q in trained.items():
@@ -269,5 +269,5 @@ def _load_state(folder, trained: dict, optimizer, mask: Mask):
             sd["state"][i] = {k: tensors[f"optim.{n}.{k}"].clone() for k in keys}
     optimizer.load_state_dict(sd)
     device = next(iter(trained.values())).device
-    new_mask = Mask._trusted({n: tensors[f"mask.{n}"].to(device) for n in mask.keys()})
+    new_mask = Mask._trusted({n: tensors[f"mask.{n}"].to(device) for n in mask_names})
     return meta["iteration"], meta["log"], meta["seconds"], new_mask
