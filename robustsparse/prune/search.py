@@ -185,21 +185,19 @@ def ntk_search(model, cfg, x, y, points: str, state_dir: str | None = None, prog
             gen = torch.Generator().manual_seed(seed)
             idx = torch.randint(len(y), (p.search_batch,), generator=gen).to(y.device)
             xb, yb = x[idx], y[idx]
+            params = effective_params()
+            if x_bn is not None:
+                calibrate_bn(student, params, x_bn)  # constants inside the step (as eval mode treats them)
             if points == "clean":
                 pts = xb
             else:
                 if p.attack_target == "student":
-                    if x_bn is not None:
-                        calibrate_bn(student, effective_params(), x_bn)
                     attack_model.load_state_dict({**{k: v.detach() for k, v in student.state_dict().items()},
-                                                  **{k: v.detach() for k, v in effective_params().items()}})
+                                                  **{k: v.detach() for k, v in params.items()}})
                 adv = attack(xb, yb)
                 pts = adv if points == "adversarial" else torch.cat([xb[: len(xb) // 2], adv[len(xb) // 2:]])
             half = len(pts) // 2
             x1, x2 = pts[:half], pts[half:]
-            params = effective_params()
-            if x_bn is not None:
-                calibrate_bn(student, params, x_bn)  # constants inside the step (as eval mode treats them)
             v = torch.randn(f_t_dim, generator=gen).to(x.device) if p.ntk_mode == "projected" else None
             with torch.no_grad():
                 f_t = teacher(pts)
