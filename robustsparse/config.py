@@ -112,6 +112,8 @@ class PruneConfig:
     bn_stats: str = "init"  # ntt/awt: BN statistics of the search's eval-mode passes: init (0, 1) | batch (those
     #                          of the first bn_samples training images, recomputed for the student every step)
     bn_samples: int = 256
+    rescale: str = "none"  # ntt/awt ticket weights: none | filter (BN-fed conv filters get their m*theta_0 norm
+    #                         back) | dense (rows rescaled towards the dense kernel under batch BN); prune/rescale.py
     checkpoint_every: int = 10  # ntt/awt: save the resumable search state every N iterations (0: never)
     # After-training pruning (`robustsparse posttrain`, robustsparse/posttrain.py). Defaults sized for digits, whose
     # dense PGD-AT is 30 epochs of 19 steps. HYDRA's CIFAR recipe is 20 score + 100 fine-tune epochs after 100
@@ -250,6 +252,7 @@ class RunConfig:
         _choice("prune.attack_target", p.attack_target, ("dense", "student"))
         _choice("prune.bn_stats", p.bn_stats, ("init", "batch"))
         _range("prune.bn_samples", p.bn_samples, lo=2)  # batch statistics need two images
+        _choice("prune.rescale", p.rescale, ("none", "filter", "dense"))
         _choice("prune.mode", p.mode, ("weights", "mask_only"))
         _choice("prune.ntk_mode", p.ntk_mode, ("full", "trace", "projected"))
         if p.init_method is not None:

@@ -28,6 +28,10 @@ held constant inside the step: the network that training's batch-statistics BN a
 default by measurement: on digits (seed 0, density 0.1) a ``batch`` search halves the batch-statistics distance
 (0.94 to 0.59) but its ticket sat near chance for 10 epochs of PGD-AT and ended at 49.7% PGD-20 (``init``: 87.5%).
 
+``prune.rescale`` [INFERRED; our option, rescale.py]: ``none`` (default), ``filter`` (each conv filter feeding a
+BN gets back its norm in m⊙θ₀) or ``dense`` (rows rescaled towards the dense kernel under batch-statistics BN).
+Both leave the mask alone and were measured worse on digits (docs/results/digits.md).
+
 ``prune.allocation`` [INFERRED; our option]: ``fixed`` keeps each layer's kept count at the initial mask's (the
 top-d |θ₀| in ``prune.scope``) and lets the updates choose WHICH weights within each layer; ``rescope`` re-ranks
 in ``prune.scope`` at every update. Adam moves every weight by about the same absolute amount whatever its
@@ -55,6 +59,7 @@ from ..progress import progress_bar
 from ..runs.checkpoint import load_checkpoint, save_checkpoint
 from ..sparse import Mask, apply_mask, prunable_parameters
 from ..sparse.mask import _top
+from .rescale import rescale_ticket
 from .registry import Ticket, call_pruner, init_method_of, scope_of
 
 KILL_AT_ITER_ENV = "ROBUSTSPARSE_KILL_AT_STEP"  # the trainer's fault injection, read as a search iteration here
@@ -233,6 +238,7 @@ def ntk_search(model, cfg, x, y, points: str, state_dir: str | None = None, prog
         final = {k: v.clone() for k, v in theta0.items()}
     else:
         final = {k: v.detach().clone() for k, v in student.named_parameters()}
+    final = rescale_ticket(p.rescale, final, theta0, mask, model)
     ticket_model = copy.deepcopy(model)  # the BN buffers stay θ₀'s: training replaces them with its own batches
     ticket_model.load_state_dict({**ticket_model.state_dict(), **final})
     apply_mask(ticket_model, mask)
@@ -240,6 +246,7 @@ def ntk_search(model, cfg, x, y, points: str, state_dir: str | None = None, prog
     return Ticket(mask=mask, state=state, info={"points": points, "mode": p.mode, "iters": p.search_iters,
                                                  "allocation": p.allocation, "init_method": init_method_of(cfg),
                                                  "ticket_weights": p.ticket_weights, "bn_stats": p.bn_stats,
+                                                 "rescale": p.rescale,
                                                  "search_seconds": time.perf_counter() - started, "log": log})
 
 
