@@ -25,7 +25,6 @@ equals the images/s ratio.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import platform
 import statistics
@@ -35,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError
+from .runs.atomic import write_json_atomic
 
 BENCH_FORMAT = "robustsparse-bench/1"
 EPS = 8 / 255
@@ -290,8 +290,5 @@ def bench_command(args) -> int:
                        args.channels_last, args.compile, args.threads, args.density, progress=not args.no_progress)
     print(format_table(result))
     if args.json:
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(result, fh, indent=1)
-        os.replace(tmp, args.json)
+        write_json_atomic(args.json, result, sort_keys=False)
     return 0

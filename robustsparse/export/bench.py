@@ -34,6 +34,7 @@ import torch
 
 from ..bench import parse_model_options
 from ..errors import UserError
+from ..runs.atomic import write_json_atomic
 from .export import compile_model, input_shape_of, parse_batches
 from .lower import effective_copy
 
@@ -228,7 +229,6 @@ def bench_inference(args) -> int:
     else:
         print(format_table(result))
     if out is not None:
-        with open(out, "w") as fh:
-            json.dump(result, fh, indent=1)
+        write_json_atomic(out, result, sort_keys=False)
         print(f"wrote {out}", file=sys.stderr)
     return 0

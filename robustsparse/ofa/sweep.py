@@ -19,6 +19,7 @@ import os
 import textwrap
 
 from ..errors import UserError
+from ..runs.atomic import savefig_atomic, write_json_atomic, write_text_atomic
 from .base import check_lambda
 from .cost import cost_table, path_cost
 
@@ -68,10 +69,7 @@ def _labels(runs: list[str]) -> list[str]:
 
 
 def _save(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(data, fh, indent=1)
-    os.replace(tmp, path)
+    write_json_atomic(path, data, sort_keys=False)
 
 
 def sweep(runs: list[str], lams: list[float] | str = "0:1:0.1", suite: str = "clean,pgd-20", out: str | None = None,
@@ -198,8 +196,7 @@ def write_outputs(out: str, data: dict) -> None:
     png = plot_tradeoff(points, items, descriptions, os.path.join(out, "tradeoff.png"))
     if png:
         lines += ["", "![trade-off](tradeoff.png)"]
-    with open(os.path.join(out, "sweep.md"), "w") as fh:
-        fh.write("\n".join(lines) + "\n")
+    write_text_atomic(os.path.join(out, "sweep.md"), "\n".join(lines) + "\n")
 
 
 def plot_tradeoff(points: list[dict], items: list[str], descriptions: dict, path: str) -> str | None:
@@ -253,6 +250,6 @@ def plot_tradeoff(points: list[dict], items: list[str], descriptions: dict, path
             ax.grid(alpha=0.3)
     fig.suptitle("trade-off over λ (point labels: λ)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    savefig_atomic(fig, path, dpi=110)
     plt.close(fig)
     return path
