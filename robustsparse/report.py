@@ -62,10 +62,14 @@ def write_report(run_dir: str, title: str, config: dict, result, rows: list[dict
 
 
 def plot_density_robustness(rows: list[dict], path: str) -> str:
-    """Robust accuracy (the strongest attack in the suite) against density, one line per method, dense as a rule."""
+    """Robust accuracy (the strongest attack in the suite; clean accuracy when it has none) against density, one
+    line per method, dense as a rule."""
     items = [i for i in rows[0]["accuracy"] if i != "clean"]
-    key = "autoattack" if "autoattack" in items else items[-1]
-    label = rows[0]["attacks"][key]
+    if items:
+        key = "autoattack" if "autoattack" in items else items[-1]
+    else:  # a suite without attacks (--suite clean): plot what there is, and say so
+        key = "clean"
+    label = rows[0]["attacks"].get(key, "clean (no attack)")
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
         cells = [r for r in rows if r["method"] == method]
@@ -78,7 +82,7 @@ def plot_density_robustness(rows: list[dict], path: str) -> str:
             ax.axhline(r["accuracy"][key], color="black", linestyle="--", label="dense")
     ax.set_xscale("log")
     ax.set_xlabel("density (kept fraction of conv/linear weights)")
-    ax.set_ylabel("robust accuracy")
+    ax.set_ylabel("robust accuracy" if items else "clean accuracy (no attack in the suite)")
     ax.set_title(label, fontsize=7)
     ax.legend(fontsize=7)
     fig.tight_layout()

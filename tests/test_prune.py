@@ -276,6 +276,45 @@ def test_prune_cli_and_refusals(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "u")
 
 
+def _batch_bn_distance_by_hand(ticket_dir: str) -> float:
+    """‖Θ_ticket − Θ_dense‖_F / ‖Θ_dense‖_F from explicit Jacobians on compare's probe, each network's BN set to
+    the batch statistics of the first prune.bn_samples training images (written out here, not calibrate_bn)."""
+    import copy
+    from torch.func import functional_call, jacrev, vmap
+    from robustsparse.dynamics import make_probe
+    from robustsparse.prune.ticket import load_model_state
+    from robustsparse.train.trainer import build_from_spec, load_split, model_spec
+    cfg = load_config("digits_pgdat", TINY)
+    torch.manual_seed(cfg.train.seed)
+    dense = build_from_spec(model_spec(cfg)).eval()
+    probe = make_probe(cfg, dense)
+    sparse = copy.deepcopy(dense)
+    load_model_state(sparse, load_ticket(ticket_dir)[0])
+    x_bn = load_split(cfg, "train")[0][: cfg.prune.bn_samples]
+
+    def kernel(model):
+        bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        inputs = {}
+        hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.__setitem__(mod, args[0])) for m in bns]
+        with torch.no_grad():
+            model(x_bn)  # eval mode: each BN's input is computed with the statistics already set upstream ...
+            for bn in bns:  # ... so set them one layer at a time, in forward order, and run again
+                bn.running_mean.copy_(inputs[bn].mean((0, 2, 3)))
+                bn.running_var.copy_(inputs[bn].var((0, 2, 3), unbiased=True))
+                model(x_bn)
+        for h in hooks:
+            h.remove()
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        jac = vmap(jacrev(lambda p, xi: functional_call(model, p, (xi[None],))[0]), in_dims=(None, 0))(params, probe)
+        masks = {k[: -len("_mask")]: b for k, b in model.named_buffers() if k.endswith("weight_mask")}
+        # the sparse network's J diag(m): a pruned weight is not trainable, so its column is dropped
+        j = torch.cat([(t * masks[k] if k in masks else t).flatten(2) for k, t in jac.items()], dim=2)  # [n, K, P]
+        return torch.einsum("ikp,jlp->ijkl", j, j)
+
+    k_dense, k_sparse = kernel(dense), kernel(sparse)
+    return float((k_sparse - k_dense).norm() / k_dense.norm())
+
+
 def test_compare_grid_writes_table_and_plot_and_resumes(tmp_path, capsys):
     out = str(tmp_path / "grid")
     args = ["compare", "digits_pgdat", *TINY, "--methods", "magnitude,awt", "--densities", "0.2",
@@ -290,6 +329,8 @@ def test_compare_grid_writes_table_and_plot_and_resumes(tmp_path, capsys):
     assert rows[0]["ntk_distance_at_init"] == 0.0 and rows[1]["ntk_distance_at_init"] > 0
     assert rows[0]["ntk_distance_at_init_batch_bn"] == 0.0 and rows[1]["ntk_distance_at_init_batch_bn"] > 0
     assert rows[1]["ntk_distance_at_init_batch_bn"] != rows[1]["ntk_distance_at_init"]  # another network
+    assert rows[1]["ntk_distance_at_init_batch_bn"] == pytest.approx(
+        _batch_bn_distance_by_hand(os.path.join(out, "magnitude-d0.2", "ticket")), rel=1e-4)
     assert os.path.exists(os.path.join(out, "density_robustness.png"))
     table = open(os.path.join(out, "results.md")).read()
     assert "BN at init stats" in table and "BN batch stats" in table and "awt" in table
@@ -305,6 +346,16 @@ def test_compare_grid_writes_table_and_plot_and_resumes(tmp_path, capsys):
     before = os.path.getmtime(os.path.join(out, "awt-d0.2", "run", "eval.json"))
     assert main(args) == 0  # a finished grid is not recomputed
     assert os.path.getmtime(os.path.join(out, "awt-d0.2", "run", "eval.json")) == before
+
+
+def test_the_density_plot_of_a_suite_without_attacks_shows_clean_accuracy(tmp_path):
+    import matplotlib.image
+    from robustsparse.report import plot_density_robustness
+    rows = [{"method": "dense", "density": 1.0, "accuracy": {"clean": 0.99}, "attacks": {"clean": "clean"}},
+            {"method": "snip", "density": 0.1, "accuracy": {"clean": 0.97}, "attacks": {"clean": "clean"}},
+            {"method": "snip", "density": 0.05, "accuracy": {"clean": 0.95}, "attacks": {"clean": "clean"}}]
+    path = plot_density_robustness(rows, str(tmp_path / "plot.png"))  # `compare --suite clean` crashed here
+    assert matplotlib.image.imread(path).shape[0] > 100
 
 
 def test_compare_over_seeds_reports_mean_and_std_of_the_per_seed_grids(tmp_path, capsys):
