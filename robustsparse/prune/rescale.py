@@ -43,19 +43,25 @@ def conv_bn_pairs(model: nn.Module) -> dict[str, str]:
     return pairs
 
 
+def _row_norms(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1)
+
+
+def _with_row_norms(weight: torch.Tensor, m: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """``weight`` with the rows of m⊙weight scaled to norms ``want``; empty rows (either side) are left alone."""
+    now = _row_norms(weight * m)
+    scale = torch.where((now > 0) & (want > 0), want / now.clamp_min(1e-30), torch.ones_like(now))
+    return weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
+
+
 def restore_filter_norms(weights: dict, reference: dict, mask, pairs: dict) -> dict:
     """``weights`` with each paired conv's output-channel norms set to those of ``reference`` (both under
-    ``mask``); filters that are empty in either are left alone."""
+    ``mask``)."""
     out = dict(weights)
     for name in pairs:
-        if name not in weights or name not in reference:
-            continue
-        m = mask[name] if name in mask else torch.ones_like(weights[name])
-        w, ref = weights[name] * m, reference[name] * m
-        now = w.flatten(1).norm(dim=1)
-        want = ref.flatten(1).norm(dim=1)
-        scale = torch.where((now > 0) & (want > 0), want / now.clamp_min(1e-30), torch.ones_like(now))
-        out[name] = weights[name] * scale.reshape(-1, *([1] * (w.dim() - 1)))
+        if name in weights and name in reference:
+            m = mask[name] if name in mask else torch.ones_like(weights[name])
+            out[name] = _with_row_norms(weights[name], m, _row_norms(reference[name] * m))
     return out
 
 
@@ -66,15 +72,11 @@ def restore_dense_scale(weights: dict, reference: dict, mask, pairs: dict) -> di
     share of the dense kernel: BN scales its gradient by 1/‖w_i‖, and it keeps a d_i fraction of the weights)."""
     out = dict(weights)
     for name, m in mask.items():
-        if name not in weights or name not in reference:
-            continue
-        w, ref = weights[name] * m, reference[name]
-        now = w.flatten(1).norm(dim=1)
-        want = ref.flatten(1).norm(dim=1)
-        if name in pairs:
-            want = want * m.flatten(1).mean(1).sqrt()
-        scale = torch.where((now > 0) & (want > 0), want / now.clamp_min(1e-30), torch.ones_like(now))
-        out[name] = weights[name] * scale.reshape(-1, *([1] * (w.dim() - 1)))
+        if name in weights and name in reference:
+            want = _row_norms(reference[name])
+            if name in pairs:
+                want = want * m.flatten(1).mean(1).sqrt()
+            out[name] = _with_row_norms(weights[name], m, want)
     return out
 
 
