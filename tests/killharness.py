@@ -74,8 +74,12 @@ def _child(argv: list[str], env: dict, patches: dict, stdout: str, stderr: str) 
         sys.stdout.flush()
         sys.stderr.flush()
     usage = __import__("resource").getrusage(__import__("resource").RUSAGE_SELF)
-    with open(stdout[:-4] + ".cpu", "w") as fh:
+    # A timed SIGKILL can land here, after the command: write the CPU time under a temporary name and rename it,
+    # so the harness sees the whole number or no file, never a half-written one (issue 14: it read '' once).
+    cpu_file = stdout[:-4] + ".cpu"
+    with open(cpu_file + ".tmp", "w") as fh:
         fh.write(f"{usage.ru_utime + usage.ru_stime}")
+    os.replace(cpu_file + ".tmp", cpu_file)
     os._exit(code)
 
 
@@ -112,6 +116,16 @@ def _wait_for_cpu(proc, cpu_budget: float) -> None:
         proc.join(min(0.02, max(0.002, (cpu_budget - used) / 4)))
 
 
+def _reported_cpu(path: str, measured: float | None) -> float | None:
+    """The CPU time the child wrote for itself, else what /proc showed at the kill (``measured``). The child writes
+    it atomically; an unreadable file is still read as unknown rather than failing the harness."""
+    try:
+        with open(path) as fh:
+            return float(fh.read())
+    except (OSError, ValueError):
+        return measured
+
+
 def run(argv: list[str], logdir: str, tag: str, env: dict | None = None, patches: dict | None = None,
         kill_after_cpu: float | None = None) -> Attempt:
     """Run one command; with ``kill_after_cpu``, SIGKILL it once it has used that many CPU seconds."""
@@ -127,9 +141,7 @@ def run(argv: list[str], logdir: str, tag: str, env: dict | None = None, patches
             proc.kill()  # SIGKILL: no handler, no cleanup, no flush
     proc.join()
     seconds = time.perf_counter() - started
-    if os.path.exists(out[:-4] + ".cpu"):
-        with open(out[:-4] + ".cpu") as fh:
-            cpu = float(fh.read())
+    cpu = _reported_cpu(out[:-4] + ".cpu", cpu)
     with open(out) as fo, open(err) as fe:
         return Attempt(proc.exitcode, seconds, fo.read(), fe.read(), cpu)
 

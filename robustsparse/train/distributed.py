@@ -200,7 +200,10 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
         all_reduce = _AllReduceSum.apply
-        dtype, x = x.dtype, x.float()  # statistics in fp32 under autocast too, as torch's BatchNorm keeps them
+        # statistics in at least fp32 (under autocast too, as torch's BatchNorm keeps them); a float64 model keeps
+        # float64, so a double-precision run is not rounded to fp32 here (the DDP test compares in float64)
+        dtype = x.dtype
+        x = x.to(torch.promote_types(dtype, torch.float32))
         c = x.shape[1]
         shape = (1, c, 1, 1)
         local = torch.cat([x.sum((0, 2, 3)), x.new_full((1,), x.numel() / c)])
