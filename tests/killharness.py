@@ -130,6 +130,8 @@ def run(argv: list[str], logdir: str, tag: str, env: dict | None = None, patches
         kill_after_cpu: float | None = None) -> Attempt:
     """Run one command; with ``kill_after_cpu``, SIGKILL it once it has used that many CPU seconds."""
     out, err = os.path.join(logdir, f"{tag}.out"), os.path.join(logdir, f"{tag}.err")
+    for path in (out, err):  # created here, not only by the child: a kill can land before the child opens them
+        open(path, "w").close()
     proc = context().Process(target=_child, args=(list(map(str, argv)), env or {}, patches or {}, out, err))
     started = time.perf_counter()
     proc.start()
