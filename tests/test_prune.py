@@ -329,6 +329,8 @@ def test_compare_grid_writes_table_and_plot_and_resumes(tmp_path, capsys):
     assert rows[0]["ntk_distance_at_init"] == 0.0 and rows[1]["ntk_distance_at_init"] > 0
     assert rows[0]["ntk_distance_at_init_batch_bn"] == 0.0 and rows[1]["ntk_distance_at_init_batch_bn"] > 0
     assert rows[1]["ntk_distance_at_init_batch_bn"] != rows[1]["ntk_distance_at_init"]  # another network
+    # rel 1e-4: vmap'd kernel blocks vs jacrev, float32 sums in another order, no sign()/argmax in between; the
+    # distance (~1) is a ratio of norms, so the error stays at float32 rounding (measured 1.3e-6 with AVX2 kernels)
     assert rows[1]["ntk_distance_at_init_batch_bn"] == pytest.approx(
         _batch_bn_distance_by_hand(os.path.join(out, "magnitude-d0.2", "ticket")), rel=1e-4)
     assert os.path.exists(os.path.join(out, "density_robustness.png"))
