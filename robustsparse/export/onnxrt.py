@@ -31,11 +31,11 @@ INSTALL = "pip install 'robustsparse[deploy]' (onnx and onnxruntime)"
 
 def require_deploy() -> None:
     """Raise a UserError naming the missing package unless both onnx and onnxruntime import."""
-    for name in ("onnx", "onnxruntime"):
-        try:
-            __import__(name)
-        except ImportError as exc:
-            raise UserError(f"--format onnx needs the {name} package, which is not installed: {INSTALL}") from exc
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        raise UserError(f"--format onnx needs the {exc.name} package, which is not installed: {INSTALL}") from exc
 
 
 def _session(path: str, threads: int | None):
