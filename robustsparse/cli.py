@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default=None, help="with --model: the dataset name (see robustsparse.list_datasets)")
     ev.add_argument("--suite", default=None, help="comma-separated attacks (default: the run's eval.suite; with "
                                                   "--model: clean,pgd-20,autoattack)")
-    ev.add_argument("--eps", type=_eps_arg, default=None,
+    ev.add_argument("--eps", default=None,
                     help="perturbation budget, a number or a fraction such as 8/255 (default: the run's eval/attack "
                          "eps; with --model: 8/255)")
     ev.add_argument("--norm", choices=("Linf", "L2"), default=None, help="threat model (default: the run's)")
@@ -99,14 +99,6 @@ def _parser() -> argparse.ArgumentParser:
     from .cli_export import add_export_parser
     add_export_parser(sub)
     return p
-
-
-def _eps_arg(text: str) -> float:
-    from .eval import parse_eps
-    try:
-        return parse_eps(text)
-    except UserError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _version() -> str:
@@ -170,6 +162,9 @@ def _eval_device():
 def cmd_eval(args) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.eps is not None:
+        from .eval import parse_eps
+        args.eps = parse_eps(args.eps)  # "8/255" or a number; a bad one is a one-line UserError
     if args.model is not None or args.weights is not None or args.data is not None:
         from .eval.external import evaluate_cli_args  # a model built elsewhere (eval/external.py)
         result, label = evaluate_cli_args(args), f"{args.model} with {args.weights} on {args.data}"
