@@ -2,7 +2,8 @@
 
     robustsparse demo [--out DIR] [--quick]            the whole story on digits (grid, AWT, SMART sweep), one report
     robustsparse train CONFIG [k=v ...] --out DIR [--resume]
-    robustsparse eval RUN_OR_CKPT [--suite clean,pgd-20,autoattack] [--eps E] [--json]
+    robustsparse eval RUN_OR_CKPT [--suite clean,pgd-20,autoattack] [--eps E] [--json]     (E may be 8/255)
+    robustsparse eval --model pkg.module:function --weights W.safetensors --data DATASET [--suite ...] [--eps E]
     robustsparse prune CONFIG [k=v ...] --method M --density D --out DIR   (prune --resume --out DIR continues)
     robustsparse compare CONFIG [k=v ...] --methods ... --densities ... --out DIR [--seeds 0,1,2]
     robustsparse posttrain CONFIG [k=v ...] --method {hydra,lwm,imp} --density D --out DIR [--pretrained RUN]
@@ -62,10 +63,19 @@ def _parser() -> argparse.ArgumentParser:
                       help="comma-separated seeds: the grid once per seed in OUT/seed<s>/, then mean ± std in OUT")
     cmp_.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    ev = sub.add_parser("eval", help="evaluate a run folder or checkpoint with the one evaluator")
-    ev.add_argument("path", help="run folder, checkpoint .json or .safetensors")
-    ev.add_argument("--suite", default=None, help="comma-separated attacks (default: the run's eval.suite)")
-    ev.add_argument("--eps", type=float, default=None, help="perturbation budget (default: the run's eval/attack eps)")
+    ev = sub.add_parser("eval", help="evaluate a run folder or checkpoint (or, with --model/--weights/--data, a model "
+                                     "built elsewhere) with the one evaluator")
+    ev.add_argument("path", nargs="?", default=None, help="run folder, checkpoint .json or .safetensors")
+    ev.add_argument("--model", default=None, metavar="PKG.MODULE:FUNCTION",
+                    help="a model built elsewhere: FUNCTION() returns the nn.Module ([0, 1] images -> logits; "
+                         "normalisation inside it)")
+    ev.add_argument("--weights", default=None, help="with --model: its weights, a safetensors file (never a pickle)")
+    ev.add_argument("--data", default=None, help="with --model: the dataset name (see robustsparse.list_datasets)")
+    ev.add_argument("--suite", default=None, help="comma-separated attacks (default: the run's eval.suite; with "
+                                                  "--model: clean,pgd-20,autoattack)")
+    ev.add_argument("--eps", default=None,
+                    help="perturbation budget, a number or a fraction such as 8/255 (default: the run's eval/attack "
+                         "eps; with --model: 8/255)")
     ev.add_argument("--norm", choices=("Linf", "L2"), default=None, help="threat model (default: the run's)")
     ev.add_argument("--split", default=None, help="dataset split (default: the run's eval.split, normally test)")
     ev.add_argument("--n", type=int, default=None, help="evaluate only the first N images of the split")
@@ -152,13 +162,23 @@ def _eval_device():
 def cmd_eval(args) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
-    result, _ = run_eval(args.path, args.suite, args.eps, args.norm, args.split, args.n, args.which,
-                         args.data_root, args.batch_size, args.seed, args.state, progress=not args.no_progress,
-                         lam=args.lam, mix=args.mix)
+    if args.eps is not None:
+        from .eval import parse_eps
+        args.eps = parse_eps(args.eps)  # "8/255" or a number; a bad one is a one-line UserError
+    if args.model is not None or args.weights is not None or args.data is not None:
+        from .eval.external import evaluate_cli_args  # a model built elsewhere (eval/external.py)
+        result, label = evaluate_cli_args(args), f"{args.model} with {args.weights} on {args.data}"
+    elif args.path is None:
+        raise UserError("eval needs a RUN (folder or checkpoint), or --model, --weights and --data")
+    else:
+        result, _ = run_eval(args.path, args.suite, args.eps, args.norm, args.split, args.n, args.which,
+                             args.data_root, args.batch_size, args.seed, args.state, progress=not args.no_progress,
+                             lam=args.lam, mix=args.mix)
+        label = args.path
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:
-        print(f"{args.path}: {result.n} images")
+        print(f"{label}: {result.n} images")
         print(result.table())
         for w in result.warnings:
             print(f"warning: {w}", file=sys.stderr)

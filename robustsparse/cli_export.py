@@ -1,7 +1,7 @@
 """``robustsparse export RUN --out DIR``: a deployable model whose inference skips the mask's zeros.
 
     robustsparse export runs/digits --out exports/digits [--which best|last] [--format safetensors,onnx]
-                        [--batches 1,256] [--choose time|rule]
+                        [--batches 1,256] [--choose time|rule] [--lam L [--mix M]]
 
 Everything is checked (the run loads, --out is new, formats and batch sizes parse) before the folder is made;
 the export itself is built under a temporary name and renamed when its equality check has passed.
@@ -15,7 +15,10 @@ def add_export_parser(sub) -> None:
     ex.add_argument("--out", required=True, help="export folder; must not exist yet")
     ex.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint of a run folder")
     ex.add_argument("--format", default="safetensors",
-                    help="comma-separated: safetensors (always written), onnx (needs the onnx package)")
+                    help="comma-separated: safetensors (always written), onnx (needs robustsparse[deploy]: onnx "
+                         "and onnxruntime; checked in ONNX Runtime)")
+    ex.add_argument("--lam", type=float, default=None, help="once-for-all runs: the trade-off λ in [0, 1] to export")
+    ex.add_argument("--mix", choices=("switch", "weight", "logit"), default=None, help="SMART: λ at inference")
     ex.add_argument("--batches", default="1,256",
                     help="batch sizes the per-layer kernels are timed and chosen at (default 1,256)")
     ex.add_argument("--choose", choices=("time", "rule"), default="time",
@@ -33,8 +36,8 @@ def cmd_export(args) -> int:
 
     if not (isinstance(args.tolerance, float) and math.isfinite(args.tolerance) and args.tolerance > 0):
         raise UserError(f"--tolerance must be a positive number, got {args.tolerance}")
-    meta = export_run(args.run, args.out, which=args.which, formats=args.format, batches=args.batches,
-                      choose=args.choose, tol=args.tolerance, progress=not args.no_progress)
+    meta = export_run(args.run, args.out, which=args.which, lam=args.lam, mix=args.mix, formats=args.format,
+                      batches=args.batches, choose=args.choose, tol=args.tolerance, progress=not args.no_progress)
     eq = meta["equality"]["max_abs_logit_diff"]
     p = meta["params"]
     kernels = sorted({k for layer in meta["layers"] for k in layer["kernel"].values()})
@@ -42,7 +45,10 @@ def cmd_export(args) -> int:
           f"kept after channel compaction, {p['layer_weights_nonzero']:,} non-zero; kernels used: "
           f"{', '.join(kernels)}; max |logit diff| {max(eq.values()):.1e} at batch sizes {', '.join(eq)})")
     if "onnx" in meta:
-        print(f"onnx: {meta['onnx']}")
+        o = meta["onnx"]
+        print(f"onnx: {args.out}/{o['file']} (opset {o['opset']}, dynamic batch; {o['equality']['runtime']}: max "
+              f"|logit diff| {max(o['equality']['max_abs_logit_diff'].values()):.1e}); run it with "
+              f"robustsparse.export.run_onnx({args.out!r}, images)")
     print(f"load it with robustsparse.export.load_exported({args.out!r}), or standalone: "
           f"import sys; sys.path.insert(0, {args.out!r}); from load_sparse import load; model = load({args.out!r})")
     return 0

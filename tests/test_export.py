@@ -185,7 +185,8 @@ def test_cli_export_and_bad_input(tmp_path, capsys):
     assert main(["export", run, "--out", str(out), "--batches", "1,3", "--choose", "rule", "--no-progress",
                  "--format", "safetensors,onnx"]) == 0
     meta = json.loads((out / "export.json").read_text())
-    assert meta["source"]["run"] == os.path.abspath(run) and "onnx" in meta
+    assert meta["source"]["run"] == os.path.abspath(run) and meta["onnx"]["equality"]["passed"]
+    assert (out / "model.onnx").is_file()
     assert _max_diff(model, load_exported(str(out)), (1, 8, 8)) <= TOL
     capsys.readouterr()
     bad = [[run, "--out", str(out)],                                       # exists already

@@ -91,11 +91,21 @@ def _library_sources() -> list[pathlib.Path]:
     return sorted(root.rglob("*.py"))
 
 
+# The one deliberate exception, by file and construct: `eval --model package.module:function` imports the module
+# the user named on the command line (their own code, explicitly asked for); the name never comes from a file.
+ALLOWED = {("eval/external.py", "importlib.import_module() of a computed name")}
+
+
 def test_library_source_never_runs_code_from_files():
     files = _library_sources()
     assert len(files) > 40  # the whole package, not an empty glob
-    problems = [v for path in files for v in violations(path.read_text(encoding="utf-8"), str(path))]
+    root = pathlib.Path(robustsparse.__file__).parent
+    found = [(path.relative_to(root).as_posix(), v) for path in files
+             for v in violations(path.read_text(encoding="utf-8"), str(path))]
+    allowed = {(rel, v.split(": ", 1)[1]) for rel, v in found} & ALLOWED
+    problems = [v for rel, v in found if (rel, v.split(": ", 1)[1]) not in ALLOWED]
     assert problems == [], "code execution from files is possible:\n" + "\n".join(problems)
+    assert allowed == ALLOWED, "an allowed exception no longer exists; remove it from ALLOWED"
 
 
 @pytest.mark.parametrize("snippet", [

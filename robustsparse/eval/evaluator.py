@@ -13,6 +13,7 @@ robust accuracy is ≤ the clean accuracy by construction; attacks spend their b
 """
 from __future__ import annotations
 
+import math
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -71,6 +72,23 @@ def parse_suite(suite) -> list[str]:
     if len(set(items)) != len(items):
         raise UserError(f"the evaluation suite names an attack twice: {', '.join(items)}")
     return items
+
+
+def parse_eps(value) -> float:
+    """A perturbation budget from a number or text: ``0.1``, ``"0.031"``, ``"8/255"`` (a fraction, as papers
+    write ε) -> a finite float > 0. The CLI's ``--eps`` of every command parses through here."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        eps = float(value)
+    else:
+        text = str(value).strip().replace(" ", "")
+        num, slash, den = text.partition("/")
+        try:
+            eps = float(num) / float(den) if slash else float(text)
+        except (ValueError, ZeroDivisionError):
+            raise UserError(f"eps must be a number or a fraction such as 8/255, got {value!r}") from None
+    if not (math.isfinite(eps) and eps > 0):
+        raise UserError(f"eps must be a finite number > 0 (e.g. 8/255 or 0.1), got {value!r}")
+    return eps
 
 
 def describe_item(item: str, eps: float, norm: str, num_classes: int) -> str:

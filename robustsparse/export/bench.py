@@ -1,12 +1,16 @@
 """``robustsparse bench --inference``: CPU latency of the masked dense model vs its sparse export, same run.
 
-Three models, timed interleaved (one call of each per round, so machine load drifts hit all three alike):
+Three models, and ONNX Runtime's when it is installed, timed interleaved (one call of each per round, so machine
+load drifts hit all alike):
 
 * ``dense``: the masked model as trained, weights w·m (zeros included), the mask hooks removed so that the
   per-forward re-multiplication by the mask is not charged to it; PyTorch eval mode, NCHW.
 * ``folded``: the export runtime with batch norm folded but no sparsity used (every channel, dense kernels): it
   separates what BN folding buys from what the sparsity buys.
 * ``exported``: the export (`compile_model`, kernels chosen by timing at these batch sizes).
+* ``onnxruntime``: the ``--format onnx`` file of the same model (dense-equivalent graph, checked within 1e-4 of
+  ``dense``) in an ONNX Runtime CPU session with as many intra-op threads as torch uses; without onnxruntime (the
+  ``deploy`` extra) the row is left out and the result says why.
 
 Latency = median over ``repeats`` rounds after ``warmup`` calls, per batch size; speed-up = dense / exported.
 Output equality: max |Δlogit| between dense and exported on the same seeded uniform [0, 1] images.
@@ -27,6 +31,7 @@ import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
@@ -176,6 +181,38 @@ def run_inference_bench(opts: SimpleNamespace, progress: bool = True) -> dict:
     compiled = compile_model(model, shape, batches, opts.choose, repeats=5, progress=progress)
     folded = compile_model(model, shape, batches, "dense", progress=False)
     models = {"dense": effective_copy(model), "folded": folded.model(), "exported": compiled.model()}
+    with tempfile.TemporaryDirectory() as tmp:
+        ort_note = _add_onnxruntime(models, shape, batches, tmp)
+        rows = _timed_rows(models, shape, batches, opts)
+    return {"benchmark": "inference latency, CPU, dense masked model vs sparse export (and ONNX Runtime)",
+            "source": source, "input_shape": list(shape),
+            "density": mask.density() if mask is not None else 1.0, "structure": opts.structure,
+            "threads": torch.get_num_threads(), "repeats": int(opts.repeats), "warmup": int(opts.warmup),
+            "torch": torch.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "onnxruntime": ort_note,
+            "kernel_choice": opts.choose, "rows": rows, "params": compiled.report["params"],
+            "export_equality": compiled.report["equality"],
+            "kernels": [{"name": r["name"], "compact_shape": r["compact_shape"], "density": round(r["density"], 4),
+                         "kernel": r["kernel"]} for r in compiled.report["layers"]],
+            "max_abs_logit_diff": max(max(r["max_abs_logit_diff"] for r in rows),
+                                      max(compiled.report["equality"]["max_abs_logit_diff"].values()))}
+
+
+def _add_onnxruntime(models: dict, shape, batches, folder: str) -> str:
+    """Add the ONNX Runtime session of ``models["dense"]`` to ``models``; return what was timed, or why not."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError as exc:
+        return f"not timed: {exc.name} is not installed (pip install 'robustsparse[deploy]')"
+    from .onnxrt import write_onnx, OnnxModel
+    path = os.path.join(folder, "model.onnx")
+    write_onnx(models["dense"], shape, path, batches)  # a file that fails its equality check is not timed
+    models["onnxruntime"] = OnnxModel(path, shape, threads=torch.get_num_threads())
+    return f"onnxruntime {onnxruntime.__version__}, CPUExecutionProvider, {torch.get_num_threads()} intra-op thread(s)"
+
+
+def _timed_rows(models: dict, shape, batches, opts) -> list[dict]:
     rows = []
     gen = torch.Generator().manual_seed(int(opts.seed) + 2)
     for b in batches:
@@ -183,20 +220,16 @@ def run_inference_bench(opts: SimpleNamespace, progress: bool = True) -> dict:
         t = _time_interleaved(models, x, int(opts.repeats), int(opts.warmup))
         with torch.no_grad():
             diff = float((models["dense"](x) - models["exported"](x)).abs().max())
-        rows.append({"batch": b, "dense_ms": t["dense"] * 1e3, "folded_ms": t["folded"] * 1e3,
-                     "exported_ms": t["exported"] * 1e3, "speedup": t["dense"] / t["exported"],
-                     "speedup_vs_folded": t["folded"] / t["exported"], "max_abs_logit_diff": diff})
-    return {"benchmark": "inference latency, CPU, dense masked model vs sparse export",
-            "source": source, "input_shape": list(shape),
-            "density": mask.density() if mask is not None else 1.0, "structure": opts.structure,
-            "threads": torch.get_num_threads(), "repeats": int(opts.repeats), "warmup": int(opts.warmup),
-            "torch": torch.__version__, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
-            "kernel_choice": opts.choose, "rows": rows, "params": compiled.report["params"],
-            "export_equality": compiled.report["equality"],
-            "kernels": [{"name": r["name"], "compact_shape": r["compact_shape"], "density": round(r["density"], 4),
-                         "kernel": r["kernel"]} for r in compiled.report["layers"]],
-            "max_abs_logit_diff": max(max(r["max_abs_logit_diff"] for r in rows),
-                                      max(compiled.report["equality"]["max_abs_logit_diff"].values()))}
+        row = {"batch": b, "dense_ms": t["dense"] * 1e3, "folded_ms": t["folded"] * 1e3,
+               "exported_ms": t["exported"] * 1e3, "speedup": t["dense"] / t["exported"],
+               "speedup_vs_folded": t["folded"] / t["exported"], "max_abs_logit_diff": diff}
+        if "onnxruntime" in models:
+            with torch.no_grad():
+                ort_diff = float((models["dense"](x) - models["onnxruntime"](x)).abs().max())
+            row.update(onnxruntime_ms=t["onnxruntime"] * 1e3, speedup_vs_onnxruntime=t["onnxruntime"] / t["exported"],
+                       onnxruntime_max_abs_logit_diff=ort_diff)
+        rows.append(row)
+    return rows
 
 
 def format_table(result: dict) -> str:
@@ -208,11 +241,17 @@ def format_table(result: dict) -> str:
              f"{p['layer_weights_original']:,} ({p['layer_weights_nonzero']:,} non-zero)",
              f"CPU, {result['threads']} thread(s), torch {result['torch']}, median of {result['repeats']} after "
              f"{result['warmup']} warm-up",
-             "| batch | dense ms | BN-folded ms | exported ms | speed-up vs dense | vs folded | max abs logit diff |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             f"ONNX Runtime: {result.get('onnxruntime', 'not timed')}",
+             "| batch | dense ms | BN-folded ms | ONNX Runtime ms | exported ms | speed-up vs dense | vs folded | "
+             "vs ONNX Runtime | max abs logit diff (export; ORT) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
-        lines.append(f"| {r['batch']} | {r['dense_ms']:.2f} | {r['folded_ms']:.2f} | {r['exported_ms']:.2f} | "
-                     f"{r['speedup']:.2f}x | {r['speedup_vs_folded']:.2f}x | {r['max_abs_logit_diff']:.1e} |")
+        ort = "onnxruntime_ms" in r
+        ort_ms = f"{r['onnxruntime_ms']:.2f}" if ort else "n/a"
+        vs_ort = f"{r['speedup_vs_onnxruntime']:.2f}x" if ort else "n/a"
+        diffs = f"{r['max_abs_logit_diff']:.1e}" + (f"; {r['onnxruntime_max_abs_logit_diff']:.1e}" if ort else "")
+        lines.append(f"| {r['batch']} | {r['dense_ms']:.2f} | {r['folded_ms']:.2f} | {ort_ms} | {r['exported_ms']:.2f} "
+                     f"| {r['speedup']:.2f}x | {r['speedup_vs_folded']:.2f}x | {vs_ort} | {diffs} |")
     return "\n".join(lines)
 
 

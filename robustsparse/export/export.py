@@ -11,8 +11,10 @@ every target batch size; stored in ``export.json``; a failed check writes nothin
                                      kernels and timings, parameter counts, machine/threads, source run
       model.<sha12>.safetensors      the program's tensors; metadata holds the program's SHA-256
       load_sparse.py                 standalone loader (torch + safetensors only): `load(DIR)(images)`
-      model.onnx                     with --format onnx when the onnx package is installed: the dense-equivalent
-                                     graph (masked weights as zeros), opset 17
+      model.onnx                     with --format onnx (needs onnx + onnxruntime, the `deploy` extra): the
+                                     dense-equivalent graph (masked weights as zeros), opset 17, dynamic batch;
+                                     its SHA-256 and its ONNX Runtime equality check are in export.json ("onnx");
+                                     run it with `load_onnx(DIR)` / `run_onnx(DIR, images)` (onnxrt.py)
 
 The folder is built under a temporary name and renamed at the end, so an error leaves nothing behind.
 """
@@ -34,6 +36,7 @@ from . import runtime
 from .compact import emit
 from .kernels import choose_kernels
 from .lower import effective_copy, lower
+from .onnxrt import ONNX_FILE, require_deploy, write_onnx
 
 FORMATS = ("safetensors", "onnx")
 DEFAULT_BATCHES = (1, 256)
@@ -149,27 +152,13 @@ def _check_out(out_dir: str) -> None:
         raise UserError(f"the parent folder of {out_dir} does not exist")
 
 
-def _onnx(reference, shape, path) -> str:
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        return "skipped: the onnx package is not installed (pip install onnx); the safetensors export is complete"
-    try:
-        torch.onnx.export(reference, (torch.zeros((1, *shape)),), path, input_names=["images"],
-                          output_names=["logits"], dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
-                          opset_version=17)
-    except Exception as exc:  # noqa: BLE001 - ONNX is optional: report why it is missing, keep the export
-        if os.path.exists(path):
-            os.remove(path)
-        return f"skipped: torch.onnx.export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})"
-    return "written: model.onnx (dense-equivalent graph: masked weights are zeros, BN not folded)"
-
-
 def export_model(model: torch.nn.Module, out_dir: str, *, formats=("safetensors",), source: dict | None = None,
                  input_shape=None, batches=DEFAULT_BATCHES, choose: str = "time", repeats: int = 5,
                  tol: float = 1e-4, seed: int = 0, progress: bool = True) -> dict:
     """Compile ``model`` and write the export folder ``out_dir`` (must not exist). Returns the export JSON."""
     formats = parse_formats(formats)
+    if "onnx" in formats:
+        require_deploy()  # before any work: a requested format that cannot be written is an error
     _check_out(out_dir)
     compiled = compile_model(model, input_shape, batches, choose, repeats, tol, seed, progress)
     tmp = f"{out_dir}.tmp-{os.getpid()}"
@@ -190,8 +179,8 @@ def export_model(model: torch.nn.Module, out_dir: str, *, formats=("safetensors"
                 "loader": "python -c 'from load_sparse import load; m = load(\".\")' (torch + safetensors only), "
                           "or robustsparse.export.load_exported(DIR)"}
         if "onnx" in formats:
-            meta["onnx"] = _onnx(effective_copy(model), tuple(compiled.program["input_shape"]),
-                                 os.path.join(tmp, "model.onnx"))
+            meta["onnx"] = write_onnx(effective_copy(model), tuple(compiled.program["input_shape"]),
+                                      os.path.join(tmp, ONNX_FILE), compiled.program["plans"], tol, seed)
         with open(os.path.join(tmp, runtime.PROGRAM_FILE), "w") as fh:
             json.dump(meta, fh, indent=1, sort_keys=True)
         os.rename(tmp, out_dir)
@@ -201,16 +190,23 @@ def export_model(model: torch.nn.Module, out_dir: str, *, formats=("safetensors"
     return meta
 
 
-def export_run(run: str, out_dir: str, which: str = "best", **kw) -> dict:
-    """Export the ``which`` checkpoint of a run folder (or a checkpoint .json/.safetensors) to ``out_dir``."""
+def export_run(run: str, out_dir: str, which: str = "best", lam: float | None = None, mix: str | None = None,
+               **kw) -> dict:
+    """Export the ``which`` checkpoint of a run folder (or a checkpoint .json/.safetensors) to ``out_dir``; a
+    once-for-all run at trade-off ``lam`` (and SMART ``mix``), as `robustsparse.load` gives it."""
     from ..api import load, load_meta
-    parse_formats(kw.get("formats", ("safetensors",)))
+    if "onnx" in parse_formats(kw.get("formats", ("safetensors",))):
+        require_deploy()
     parse_batches(kw.get("batches", DEFAULT_BATCHES))
     _check_out(out_dir)
     meta = load_meta(run, which)
-    model = load(run, which=which)
+    model = load(run, which=which, lam=lam, mix=mix)
     source = {"run": os.path.abspath(run), "which": which, "checkpoint_sha256": meta.get("sha256"),
               "epoch": meta.get("epoch"), "model_spec": meta.get("model_spec")}
+    if lam is not None:
+        ofa = (meta.get("model_spec") or {}).get("ofa") or {}
+        source.update(lam=lam, ofa_method=ofa.get("method"),
+                      mix=(mix or ofa.get("options", {}).get("mix")) if ofa.get("method") == "smart" else None)
     return export_model(model, out_dir, source=source, **kw)
 
 
