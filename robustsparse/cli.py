@@ -257,9 +257,11 @@ def cmd_compare(args) -> int:
 
 
 def cmd_configs(args) -> int:
-    from .config import shipped_configs
-    for name in shipped_configs():
-        print(name)
+    from .configs import shipped_descriptions
+    rows = shipped_descriptions()
+    width = max((len(name) for name, _ in rows), default=0)
+    for name, desc in rows:
+        print(f"{name:<{width}}  {desc}")
     return 0
 
 

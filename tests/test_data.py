@@ -100,10 +100,26 @@ def test_val_size_option_and_errors():
         load_dataset("digits", bogus=1)
     with pytest.raises(UserError, match="bogus"):
         dataset_spec("synthetic", bogus=1)
-    needs_root = (("cifar10", "data_batch_1"), ("svhn", "train_32x32.mat"), ("fashion_mnist", "FashionMNIST/raw"))
+    needs_root = (("cifar10", "data_batch_1"), ("svhn", "train_32x32.mat"), ("mnist", "MNIST/raw"))
     for name, expected in needs_root:
         with pytest.raises(UserError, match=f"needs root=.*{expected}"):
             load_dataset(name)
+
+
+def test_fashion_mnist_defaults_to_the_debian_package_folder(tmp_path, monkeypatch):
+    from robustsparse.data import mnist
+    assert mnist.DEFAULT_ROOT["fashion_mnist"] == "/usr/share/datasets/fashion-mnist"
+    monkeypatch.setitem(mnist.DEFAULT_ROOT, "fashion_mnist", str(tmp_path / "absent"))
+    with pytest.raises(UserError, match="not installed.*apt-get install dataset-fashion-mnist.*data.root") as exc:
+        load_dataset("fashion_mnist", "test")
+    assert "\n" not in str(exc.value)
+    (tmp_path / "absent").mkdir()  # the folder without its files: the same fix is named
+    with pytest.raises(UserError, match="t10k-images.*dataset-fashion-mnist.*data.root"):
+        load_dataset("fashion_mnist", "test")
+    sets = _write_mnist(tmp_path / "absent", gz=True)  # Debian ships the four files gzipped, directly in the folder
+    x, y = load_dataset("fashion_mnist", "test")
+    _assert_pixels(x, sets["t10k"][0])
+    assert y.tolist() == sets["t10k"][1]
 
 
 def test_synthetic_is_deterministic_and_honours_options():

@@ -10,13 +10,14 @@ from robustsparse.errors import UserError
 from robustsparse.models import (MODELS, DualBatchNorm2d, Normalize, bn_route, build_model, convert_to_dual_bn,
                                  list_models, register_model, set_bn_route)
 
-EXPECTED_NAMES = {"cnn", "resnet18", "resnet34", "preact_resnet18", "wrn-16-8", "wrn-28-4", "wrn-34-10",
+EXPECTED_NAMES = {"cnn", "smallcnn", "resnet18", "resnet34", "preact_resnet18", "wrn-16-8", "wrn-28-4", "wrn-34-10",
                   "wrn-40-2", "vgg16_bn"}
 # Heavy models: only construction + one forward on a 2x3x32x32 batch.
 HEAVY = {"resnet34", "wrn-34-10"}
 # (in_channels, H, W) per light model; each gets at least two sizes.
 SIZES = {
     "cnn": [(1, 8, 8), (3, 32, 32), (3, 96, 96)],
+    "smallcnn": [(1, 28, 28), (1, 8, 8), (3, 96, 96)],
     "resnet18": [(1, 8, 8), (3, 32, 32), (3, 96, 96)],
     "preact_resnet18": [(1, 8, 8), (3, 32, 32)],
     "wrn-16-8": [(1, 8, 8), (3, 32, 32)],

@@ -3,7 +3,9 @@
 
 Files: ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
 ``t10k-labels-idx1-ubyte``, each optionally ``.gz``-compressed, directly in ``root`` or in torchvision's layout
-``root/MNIST/raw/`` (``root/FashionMNIST/raw/``). An IDX file is a big-endian header (two zero bytes, type code 0x08
+``root/MNIST/raw/`` (``root/FashionMNIST/raw/``). ``fashion_mnist`` without a root reads Debian's package
+``dataset-fashion-mnist`` (the four ``.gz`` files in /usr/share/datasets/fashion-mnist; ``scripts/setup.sh``
+installs it when run as root). Debian packages no MNIST, so ``mnist`` always needs a root. An IDX file is a big-endian header (two zero bytes, type code 0x08
 for unsigned bytes, number of dimensions, then one uint32 per dimension) followed by the raw bytes.
 """
 
@@ -22,6 +24,9 @@ from .registry import DatasetSpec
 
 _PREFIX = {"train": "train", "test": "t10k"}
 _SUBFOLDER = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+#: Where a dataset is read from when no root is given: the folder of its Debian package.
+DEFAULT_ROOT = {"fashion_mnist": "/usr/share/datasets/fashion-mnist"}
+DEBIAN_PACKAGE = {"fashion_mnist": "dataset-fashion-mnist"}
 
 
 def _layout(name: str) -> str:
@@ -44,17 +49,29 @@ def _read_idx(path: str, ndim: int) -> np.ndarray:
     return np.frombuffer(data, np.uint8, offset=header).reshape(shape)
 
 
+def _how_to_get(name: str) -> str:
+    if name not in DEBIAN_PACKAGE:
+        return ""
+    return (f"; install Debian's package with `sudo apt-get install {DEBIAN_PACKAGE[name]}` (or run "
+            f"`bash scripts/setup.sh` as root), which puts the files in {DEFAULT_ROOT[name]}, or set "
+            f"data.root=<folder> (Python: root=) to a folder that holds them")
+
+
 def _find(name: str, root: str, file: str) -> str:
     for folder in (root, os.path.join(root, _SUBFOLDER[name], "raw")):
         for candidate in (file, file + ".gz"):
             if os.path.isfile(os.path.join(folder, candidate)):
                 return os.path.join(folder, candidate)
-    raise UserError(f"{name}: {file}[.gz] not found under {root!r}; {_layout(name)}")
+    raise UserError(f"{name}: {file}[.gz] not found under {root!r}; {_layout(name)}{_how_to_get(name)}")
 
 
-def _load(name: str, split: str, root: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _load(name: str, split: str, root: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    if root is None and name in DEFAULT_ROOT:
+        root = DEFAULT_ROOT[name]
+        if not os.path.isdir(root):
+            raise UserError(f"{name} is not installed: {root} does not exist{_how_to_get(name)}; {_layout(name)}")
     if root is None or not os.path.isdir(root):
-        raise UserError(f"{name} needs root=<folder>, got {root!r}; {_layout(name)}")
+        raise UserError(f"{name} needs root=<folder> (data.root), got {root!r}; {_layout(name)}{_how_to_get(name)}")
     images_path = _find(name, root, f"{_PREFIX[split]}-images-idx3-ubyte")
     labels_path = _find(name, root, f"{_PREFIX[split]}-labels-idx1-ubyte")
     x, y = _read_idx(images_path, 3), _read_idx(labels_path, 1)

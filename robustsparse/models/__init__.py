@@ -16,7 +16,7 @@ from robustsparse.models.registry import (MODEL_PATTERNS, MODELS, ImageClassifie
                                           register_model)
 
 # Architecture files; importing one registers its models.
-from robustsparse.models import cnn, resnet, vgg, wide_resnet  # noqa: E402,F401  isort: skip
+from robustsparse.models import cnn, resnet, small_cnn, vgg, wide_resnet  # noqa: E402,F401  isort: skip
 
 __all__ = ["build_model", "register_model", "MODELS", "MODEL_PATTERNS", "list_models", "ImageClassifier",
            "Normalize", "DualBatchNorm2d", "convert_to_dual_bn", "bn_route", "set_bn_route"]
