@@ -25,7 +25,7 @@ def test_our_step_and_the_plain_step_are_the_same_step():
     x, y = torch.rand(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
     k = 3
     sgd = dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    engine = Engine.create(torch.device("cpu"))
+    engine = Engine.create(torch.device("cpu"), amp="fp32")  # the textbook step is fp32: compare like with like
     objective = build_objective(engine.prepare_model(ours), bench_config(k))
     opt_ours, opt_plain = torch.optim.SGD(ours.parameters(), **sgd), torch.optim.SGD(plain.parameters(), **sgd)
     for step in range(2):
@@ -45,7 +45,7 @@ def test_bench_cli_writes_the_table_and_json(tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
         code = main(["bench", "--model", "cnn", "--model-option", "width=4", "--batch", "8", "--steps", "2",
-                     "--iters", "2", "--warmup", "1", "--repeats", "3", "--device", "cpu", "--threads", "1",
+                     "--iters", "2", "--warmup", "1", "--repeats", "3", "--device", "cpu", "--threads", "1", "--amp", "fp32",
                      "--density", "0.5", "--json", str(path), "--no-progress"])
     finally:
         torch.set_num_threads(threads)
@@ -57,7 +57,8 @@ def test_bench_cli_writes_the_table_and_json(tmp_path, capsys):
     assert (r["model"], r["input_shape"], r["batch"], r["attack_steps"], r["device"]) == ("cnn", [1, 8, 8], 8, 2,
                                                                                           "cpu")
     assert r["threads"]["torch_threads"] == 1 and r["torch"] == torch.__version__
-    assert r["engine"] == {"device": "cpu", "amp": "fp32", "channels_last": False, "compile": False,
+    assert r["engine"] == {"device": "cpu", "amp": "fp32", "amp_reason": "amp=fp32 requested",
+                           "channels_last": False, "compile": False,
                            "world_size": 1, "sync_bn": None}
     macs = sparsity_report(rs.build_model("cnn", 1, 10, (8, 8), width=4), (1, 8, 8)).dense_macs
     assert r["forward_macs_per_image"] == macs and r["flops_per_image"] == 2 * macs * 3 * (2 + 1)
