@@ -13,6 +13,7 @@ from robustsparse.cli import main
 from robustsparse.sparse import sparsity_report
 from robustsparse.train.engine import Engine
 from robustsparse.train.objectives import build_objective
+from robustsparse.train.skilled_loop import SkilledLoop, skilled_pgd
 
 
 def test_our_step_and_the_plain_step_are_the_same_step():
@@ -62,17 +63,58 @@ def test_bench_cli_writes_the_table_and_json(tmp_path, capsys):
                            "world_size": 1, "sync_bn": None}
     macs = sparsity_report(rs.build_model("cnn", 1, 10, (8, 8), width=4), (1, 8, 8)).dense_macs
     assert r["forward_macs_per_image"] == macs and r["flops_per_image"] == 2 * macs * 3 * (2 + 1)
-    for loop in ("ours", "plain"):
+    assert r["executed_flops_per_image"] == {"ours": 2 * macs * 7, "skilled": 2 * macs * 7, "plain": 2 * macs * 9}
+    for loop in ("ours", "skilled", "plain"):
         res = r["results"][loop]
         assert len(res["block_images_per_s"]) == 3 and all(v > 0 for v in res["block_images_per_s"])
         assert res["images_per_s"] == sorted(res["block_images_per_s"])[1]  # the median block
         assert res["flops_per_s"] == pytest.approx(res["images_per_s"] * r["flops_per_image"])
         assert res["ms_per_step"] == pytest.approx(1000 * 8 / res["images_per_s"])
+        assert res["executed_flops_per_s"] == pytest.approx(res["images_per_s"] * r["executed_flops_per_image"][loop])
+        if r["peak"]["fp32"]:  # on Linux: the peak from /proc/cpuinfo
+            assert res["share_of_peak"]["fp32"] == pytest.approx(res["executed_flops_per_s"] / r["peak"]["fp32"])
+    assert r["speedup_vs_skilled"] == pytest.approx(
+        r["results"]["ours"]["images_per_s"] / r["results"]["skilled"]["images_per_s"])
+    assert "| skilled plain loop" in table and "Ours / skilled" in table
     assert r["speedup"] == pytest.approx(r["results"]["ours"]["images_per_s"] / r["results"]["plain"]["images_per_s"])
     ratios = sorted(o / p for o, p in zip(r["results"]["ours"]["block_images_per_s"],
                                           r["results"]["plain"]["block_images_per_s"]))
     assert r["speedup_paired_median"] == pytest.approx(ratios[1])
     assert r["density"] == 0.5
+
+
+def test_the_skilled_loop_trains():
+    """Digits, PGD-2 AT: the skilled baseline's training loss falls (it is a real training loop, not a timer)."""
+    x, y = rs.load_dataset("digits", split="train")
+    torch.manual_seed(0)
+    model = rs.build_model("cnn", 1, 10, (8, 8), width=8)
+    loop = SkilledLoop(model, x[:512], y[:512], 64, 2, 0.05, 0.05, 40, torch.device("cpu"), seed=0)
+    loop.run(40)
+    losses = torch.stack(loop.losses)
+    assert losses[-8:].mean() < 0.8 * losses[:8].mean(), losses
+    assert loop.scheduler.get_last_lr()[0] < 1e-3 * 0.05 + 1e-12  # the cosine schedule reached its end
+
+
+def test_the_skilled_attack_is_our_attack():
+    """Same weights, batch and seed: the skilled PGD (batch-mean loss, torch.autograd.grad, parameters requiring
+    grad) and our PGD (batch-sum loss, parameters frozen) return the same adversarial examples. The batch of 16
+    makes mean = sum / 16 an exact power-of-two scaling, so every gradient sign agrees unless two kernels round
+    differently; tolerance: at most 0.5% of the pixels may differ (a near-zero gradient component flipping sign,
+    then one α step apart per step it lasted), and none by more than 2ε."""
+    from robustsparse.attacks.pgd import PGD
+    torch.manual_seed(0)
+    model = rs.build_model("cnn", 1, 10, (8, 8), width=8).eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+    k, eps = 5, 0.1
+    torch.manual_seed(7)
+    ours = PGD(model, eps, steps=k, alpha=2.5 * eps / k)(x, y)
+    torch.manual_seed(7)
+    skilled = skilled_pgd(model, x, y, eps, 2.5 * eps / k, k)
+    differ = (ours - skilled).abs() > 1e-6
+    assert differ.float().mean() <= 0.005, differ.float().mean()
+    assert (ours - skilled).abs().max() <= 2 * eps + 1e-6
+    assert (ours - x).abs().max() > 0.5 * eps  # a real attack moved the points
 
 
 def test_bench_rejects_bad_arguments(tmp_path, capsys):
