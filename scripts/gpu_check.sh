@@ -75,11 +75,19 @@ step() {  # step NAME LIMIT_S COMMAND...: run it with a time limit, log to $OUT/
 }
 
 $PY - > "$OUT/machine.json" 2>&1 <<'EOF'
-import json, torch
+import importlib, json, torch
+missing = []  # what the machine lacks: the first GPU session learns it here, before a step fails on it
+for name in ("numpy", "scipy", "sklearn", "safetensors", "yaml", "tqdm", "matplotlib", "tensorboard", "torchattacks",
+             "pytest"):
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        missing.append(name)
 from robustsparse.runs.machine import device_peak
 dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 print(json.dumps({"torch": torch.__version__, "cuda": torch.version.cuda, "device": str(dev),
-                  "peak": device_peak(dev)}, indent=1))
+                  "name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+                  "peak": device_peak(dev), "missing_modules": missing}, indent=1))
 EOF
 if [ "$MODE" = "--dry-run" ]; then
   step cuda_tests "$TESTS_LIMIT" $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py -rs

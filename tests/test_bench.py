@@ -135,3 +135,22 @@ def test_bench_inference_is_handed_to_export(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "robustsparse.export", types.ModuleType("robustsparse.export"))
     assert main(["bench", "--inference"]) == 2
     assert "export not available" in capsys.readouterr().err
+
+
+def test_the_peak_follows_the_documented_formula(tmp_path):
+    """cores x clock x FLOP/cycle: 2 FMA x 16 lanes x 2 with AVX-512 on Intel, 8 lanes on AMD or with AVX2; bf16
+    2x fp32 with AVX512-BF16, 1024/cycle with AMX-BF16; parsed from a cpuinfo file as the kernel writes it."""
+    from robustsparse.runs.machine import cpu_peak, cpuinfo
+    text = "".join(f"processor\t: {i}\nvendor_id\t: GenuineIntel\nmodel name\t: Xeon\ncpu MHz\t\t: 2000.000\n"
+                   f"physical id\t: 0\ncore id\t\t: {i}\nflags\t\t: fma avx2 avx512f avx512_bf16 amx_bf16\n\n"
+                   for i in range(2))
+    (tmp_path / "cpuinfo").write_text(text)
+    info = cpuinfo(str(tmp_path / "cpuinfo"))
+    assert info["model"] == "Xeon" and len(info["cores"]) == 2 and info["mhz"] == 2000.0
+    intel = cpu_peak(threads=1, info=info)
+    hz = max(2000.0, intel["mhz"]) * 1e6  # cpufreq's maximum wins where the machine has one
+    assert intel["cores"] == 1 and intel["fp32"] == pytest.approx(hz * 64) and intel["bf16"] == pytest.approx(hz * 1024)
+    vnni = cpu_peak(threads=1, info={**info, "flags": {"avx512f", "avx512_bf16"}})
+    assert vnni["bf16"] == pytest.approx(2 * vnni["fp32"]) and vnni["bf16_unit"] == "avx512_bf16"
+    amd = cpu_peak(threads=1, info={**info, "vendor": "AuthenticAMD", "flags": {"avx2", "avx512f"}})
+    assert amd["fp32_flop_per_cycle"] == 32 and amd["bf16"] is None

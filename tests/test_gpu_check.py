@@ -1,5 +1,9 @@
 """scripts/gpu_check.sh --dry-run: the GPU check's whole sequence (CUDA tests, bench, a complete PGD-AT run, its
-evaluation) at tiny sizes on the CPU, so the script a lent GPU runs once has at least run everywhere else."""
+evaluation) at tiny sizes on the CPU, so the script a lent GPU runs once has at least run everywhere else.
+
+Opt-in (ROBUSTSPARSE_GPU_CHECK_DRY_RUN=1): it costs about 40 CPU-seconds (four fresh processes, each importing
+torch, plus a training run and an evaluation), 3m50s of wall time on the shared 2-core machine, far above the
+suite's per-test budget; the steps it chains are each covered by fast tests of their own."""
 import json
 import os
 import subprocess
@@ -10,6 +14,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.skipif(os.environ.get("ROBUSTSPARSE_GPU_CHECK_DRY_RUN") != "1",
+                    reason="opt-in: set ROBUSTSPARSE_GPU_CHECK_DRY_RUN=1 (about 40 CPU-seconds)")
 @pytest.mark.skipif(sys.platform == "win32", reason="a bash script")
 def test_gpu_check_dry_run_runs_every_step(tmp_path):
     out = tmp_path / "gpu_out"
