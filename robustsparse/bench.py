@@ -1,12 +1,15 @@
-"""``robustsparse bench``: images/second of one PGD-k adversarial-training step, our engine against a plain loop.
+"""``robustsparse bench``: images/second of one PGD-k adversarial-training step, our engine against two plain loops.
 
-Both loops run in the same process on the same device, from the same initial weights, with the same optimizer (SGD,
+All three loops run in the same process on the same device, from the same initial weights, with the same optimizer (SGD,
 momentum 0.9, weight decay 5e-4), batch size, data and attack (L∞ PGD-k, ε = 8/255, α = 2.5ε/k, random start):
 
 * **ours** is the trainer's step (`robustsparse.train.engine`): the data are one tensor on the device; per step a
   seeded permutation slice is gathered there, the ``pgd_at`` objective attacks in eval mode with parameter
   gradients off (only ∂loss/∂x), the loss is taken in train mode, then ``zero_grad(set_to_none)``, backward and
   the optimizer step, with the engine's options (CUDA default: channels_last + bf16 autocast). No host sync.
+* **skilled** is the loop a skilled PyTorch user writes (`robustsparse.train.skilled_loop`): data as one tensor on
+  the device, a permutation per epoch, PGD through ``torch.autograd.grad`` w.r.t. the input only (no weight
+  gradients in the attack), SGD with momentum, a cosine LR schedule, no host sync; fp32, NCHW.
 * **plain** is the textbook loop: ``DataLoader(TensorDataset(x, y), shuffle=True, drop_last=True)`` over host
   tensors, ``.to(device)`` per batch, fp32; the attack toggles ``model.eval()``, sets ``requires_grad`` on the
   input, calls ``loss.backward()`` (which also computes every parameter gradient, thrown away by the
@@ -17,10 +20,13 @@ Timing: ``warmup`` steps of each loop, then ``repeats`` interleaved blocks (the 
 each, with ``torch.cuda.synchronize()`` at both ends of a block on CUDA; the reported rate is the median block.
 
 FLOPs. Forward MACs per image are counted on a real forward (`robustsparse.sparse.sparsity_report`: conv and
-linear layers). Convention: a backward costs two forwards, so one PGD-k training step is (k + 1) forward+backward
-passes = 3(k + 1) forward-equivalents, and FLOPs per image = 2 · MACs · 3(k + 1). Both loops are credited with
-that same nominal count (ours in fact skips the weight-gradient half of each attack backward), so the FLOP/s ratio
-equals the images/s ratio.
+linear layers). Convention: a backward costs two forwards (input gradient + weight gradient), so one PGD-k training
+step is (k + 1) forward+backward passes = 3(k + 1) forward-equivalents, and the nominal FLOPs per image are
+2 · MACs · 3(k + 1); every loop is credited with that count, so nominal FLOP/s ratios equal images/s ratios. The
+*executed* count credits each loop with what it computes: ours and skilled skip the weight-gradient half of the k
+attack backwards, 2 · MACs · (2k + 3); the textbook loop computes it, 2 · MACs · 3(k + 1). Share of peak =
+executed FLOP/s / the machine's nominal peak (`robustsparse.runs.machine`: cores × clock × FLOP/cycle), for fp32
+and, where the CPU/GPU has it, bf16.
 """
 from __future__ import annotations
 
@@ -35,6 +41,8 @@ import torch.nn.functional as F
 
 from .errors import UserError
 from .runs.atomic import write_json_atomic
+from .runs.machine import device_peak
+from .train.skilled_loop import SkilledLoop
 
 BENCH_FORMAT = "robustsparse-bench/1"
 EPS = 8 / 255
@@ -218,16 +226,30 @@ def run_bench(model: str = "cnn", input_shape=(1, 8, 8), batch: int = 64, steps:
         apply_mask(base, masks_from_scores({k: p.abs() for k, p in prunable_parameters(base).items()}, density))
     macs = sparsity_report(base, input_shape).dense_macs
     flops_per_image = 2 * macs * 3 * (steps + 1)
+    executed = {"ours": 2 * macs * (2 * steps + 3), "skilled": 2 * macs * (2 * steps + 3), "plain": flops_per_image}
     g = torch.Generator().manual_seed(seed)
     n = batch * iters  # one block = one epoch of the plain loop's DataLoader
     x = torch.rand((n, *input_shape), generator=g)
     y = torch.randint(0, num_classes, (n,), generator=g)
+    total_steps = warmup + repeats * iters  # the skilled loop's cosine schedule spans the whole bench
     loops = {"ours": OurLoop(copy.deepcopy(base), x, y, batch, steps, engine, seed),
+             "skilled": SkilledLoop(copy.deepcopy(base), x, y, batch, steps, EPS, LR, total_steps, dev, seed),
              "plain": PlainLoop(copy.deepcopy(base), x, y, batch, steps, dev)}
     del base
     results = time_loops(loops, batch, iters, warmup, repeats, dev, progress, f"bench {model}")
-    for res in results.values():
+    peak = device_peak(dev, torch.get_num_threads())
+    for name, res in results.items():
         res["flops_per_s"] = res["images_per_s"] * flops_per_image
+        res["executed_flops_per_s"] = res["images_per_s"] * executed[name]
+        res["share_of_peak"] = {p: res["executed_flops_per_s"] / peak[p] if peak.get(p) else None
+                                for p in ("fp32", "bf16")}
+
+    def ratios(a, b):  # ratio of medians, and the median of per-round ratios (the loops ran back to back)
+        ra, rb = results[a], results[b]
+        return ra["images_per_s"] / rb["images_per_s"], statistics.median(
+            u / v for u, v in zip(ra["block_images_per_s"], rb["block_images_per_s"]))
+
+    (vs_plain, vs_plain_paired), (vs_skilled, vs_skilled_paired) = ratios("ours", "plain"), ratios("ours", "skilled")
     return {
         "format": BENCH_FORMAT, "model": model, "model_options": dict(model_options or {}),
         "input_shape": list(input_shape), "num_classes": num_classes, "density": density, "batch": batch,
@@ -235,31 +257,51 @@ def run_bench(model: str = "cnn", input_shape=(1, 8, 8), batch: int = 64, steps:
         "eps": EPS, "iters": iters, "warmup": warmup, "repeats": repeats,
         "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         "torch": torch.__version__, "threads": thread_info(), "engine": engine.describe(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "plain": {"precision": "fp32", "data": "DataLoader over host TensorDataset, num_workers=0"},
-        "forward_macs_per_image": macs, "flops_per_image": flops_per_image,
+        "skilled": {"precision": "fp32", "data": "one tensor on the device, a permutation per epoch",
+                    "attack": "torch.autograd.grad w.r.t. the input only", "schedule": "cosine, per step"},
+        "forward_macs_per_image": macs, "flops_per_image": flops_per_image, "executed_flops_per_image": executed,
         "flop_convention": "2 * forward MACs * 3 * (k + 1): k attack steps + 1 training step, backward = 2 forwards",
-        "results": results, "speedup": results["ours"]["images_per_s"] / results["plain"]["images_per_s"],
-        # per round, ours and plain ran back to back: the median of those ratios cancels slow load drift
-        "speedup_paired_median": statistics.median(
-            o / p for o, p in zip(results["ours"]["block_images_per_s"], results["plain"]["block_images_per_s"])),
+        "executed_flop_convention": "ours, skilled: 2 * MACs * (2k + 3) (attack backwards skip weight gradients); "
+                                    "plain: 2 * MACs * 3 * (k + 1)",
+        "peak": peak,
+        "results": results, "speedup": vs_plain, "speedup_paired_median": vs_plain_paired,
+        "speedup_vs_skilled": vs_skilled, "speedup_vs_skilled_paired_median": vs_skilled_paired,
     }
+
+
+def _share(value) -> str:
+    return "-" if value is None else f"{value:.2%}"
 
 
 def format_table(r: dict) -> str:
     eng = r["engine"]
     ours = f"ours ({eng['amp']}{', channels_last' if eng['channels_last'] else ''}" \
            f"{', compiled' if eng['compile'] else ''})"
+    peak = r["peak"]
     lines = [f"robustsparse bench: {r['model']} {'x'.join(map(str, r['input_shape']))}, batch {r['batch']}, one "
              f"PGD-{r['attack_steps']} training step; {r['device']} ({r['device_name']}), torch {r['torch']}, "
              f"{r['threads']['torch_threads']} thread(s)",
-             "", f"| loop | images/s (median of {r['repeats']}) | ms/step | GFLOP/s |", "|---|---:|---:|---:|"]
-    for name, label in (("ours", ours), ("plain", "plain PyTorch loop (fp32, DataLoader)")):
+             "", f"| loop | images/s (median of {r['repeats']}) | ms/step | GFLOP/s nominal | GFLOP/s executed | "
+                 "share of fp32 peak | share of bf16 peak |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, label in (("ours", ours), ("skilled", "skilled plain loop (fp32, data on device, input-only grad)"),
+                        ("plain", "plain PyTorch loop (fp32, DataLoader)")):
         res = r["results"][name]
+        share = res["share_of_peak"]
         lines.append(f"| {label} | {res['images_per_s']:.1f} | {res['ms_per_step']:.1f} | "
-                     f"{res['flops_per_s'] / 1e9:.2f} |")
+                     f"{res['flops_per_s'] / 1e9:.2f} | {res['executed_flops_per_s'] / 1e9:.2f} | "
+                     f"{_share(share['fp32'])} | {_share(share['bf16'])} |")
+    fmt = lambda v: "-" if v is None else f"{v / 1e9:.0f}"  # noqa: E731
     lines += ["", f"Speed-up, ours / plain: {r['speedup']:.2f}x (ratio of the medians; median of the per-round "
-                  f"ratios {r['speedup_paired_median']:.2f}x). FLOPs per image: {r['flops_per_image'] / 1e6:.1f} M "
-                  f"({r['flop_convention']}; forward MACs {r['forward_macs_per_image'] / 1e6:.2f} M)."]
+                  f"ratios {r['speedup_paired_median']:.2f}x). Ours / skilled: {r['speedup_vs_skilled']:.2f}x "
+                  f"(per-round {r['speedup_vs_skilled_paired_median']:.2f}x).",
+              f"FLOPs per image: {r['flops_per_image'] / 1e6:.1f} M nominal ({r['flop_convention']}; forward MACs "
+              f"{r['forward_macs_per_image'] / 1e6:.2f} M); executed: {r['executed_flop_convention']}.",
+              f"Peak ({peak.get('model')}): fp32 {fmt(peak.get('fp32'))} GFLOP/s, bf16 {fmt(peak.get('bf16'))} "
+              f"GFLOP/s; {peak['formula']}."]
+    if r.get("load_average"):
+        lines.append(f"Load average at the end: {', '.join(f'{v:.2f}' for v in r['load_average'])}.")
     return "\n".join(lines)
 
 

@@ -33,7 +33,7 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--repeats", type=int, default=None, help="timed blocks of each loop, interleaved; the median "
                                                              "is reported (default 5)")
     b.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-                   help="ours: autocast precision (auto: bf16 on CUDA, fp32 on CPU)")
+                   help="ours: autocast precision (auto: bf16 on CUDA and on CPUs with native bf16, else fp32)")
     b.add_argument("--channels-last", dest="channels_last", action="store_true", default=None,
                    help="ours: NHWC memory format (default: on for CUDA only)")
     b.add_argument("--no-channels-last", dest="channels_last", action="store_false")

@@ -72,7 +72,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # Engine (train/engine.py); none of these changes the algorithm, only how fast the step runs
-    amp: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp16 (with loss scaling) | fp32; weights stay fp32
+    amp: str = "auto"  # auto (bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32) | bf16 | fp16 | fp32
     channels_last: typing.Optional[bool] = None  # NHWC memory format; None: on for CUDA, off on CPU
     compile: bool = False  # torch.compile the model the objective calls
     sync_bn: bool = True  # under torchrun: BatchNorm uses the global batch's statistics (as one process would)

@@ -13,6 +13,7 @@ from robustsparse.cli import main
 from robustsparse.sparse import sparsity_report
 from robustsparse.train.engine import Engine
 from robustsparse.train.objectives import build_objective
+from robustsparse.train.skilled_loop import SkilledLoop, skilled_pgd
 
 
 def test_our_step_and_the_plain_step_are_the_same_step():
@@ -30,7 +31,7 @@ def test_our_step_and_the_plain_step_are_the_same_step():
     x, y = torch.rand(16, 1, 8, 8, generator=g, dtype=torch.float64), torch.randint(0, 10, (16,), generator=g)
     k = 3
     sgd = dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
-    engine = Engine.create(torch.device("cpu"))
+    engine = Engine.create(torch.device("cpu"), amp="fp32")  # the textbook step is fp32: compare like with like
     objective = build_objective(engine.prepare_model(ours), bench_config(k))
     opt_ours, opt_plain = torch.optim.SGD(ours.parameters(), **sgd), torch.optim.SGD(plain.parameters(), **sgd)
     for step in range(2):
@@ -50,7 +51,7 @@ def test_bench_cli_writes_the_table_and_json(tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
         code = main(["bench", "--model", "cnn", "--model-option", "width=4", "--batch", "8", "--steps", "2",
-                     "--iters", "2", "--warmup", "1", "--repeats", "3", "--device", "cpu", "--threads", "1",
+                     "--iters", "2", "--warmup", "1", "--repeats", "3", "--device", "cpu", "--threads", "1", "--amp", "fp32",
                      "--density", "0.5", "--json", str(path), "--no-progress"])
     finally:
         torch.set_num_threads(threads)
@@ -62,21 +63,63 @@ def test_bench_cli_writes_the_table_and_json(tmp_path, capsys):
     assert (r["model"], r["input_shape"], r["batch"], r["attack_steps"], r["device"]) == ("cnn", [1, 8, 8], 8, 2,
                                                                                           "cpu")
     assert r["threads"]["torch_threads"] == 1 and r["torch"] == torch.__version__
-    assert r["engine"] == {"device": "cpu", "amp": "fp32", "channels_last": False, "compile": False,
+    assert r["engine"] == {"device": "cpu", "amp": "fp32", "amp_reason": "amp=fp32 requested",
+                           "channels_last": False, "compile": False,
                            "world_size": 1, "sync_bn": None}
     macs = sparsity_report(rs.build_model("cnn", 1, 10, (8, 8), width=4), (1, 8, 8)).dense_macs
     assert r["forward_macs_per_image"] == macs and r["flops_per_image"] == 2 * macs * 3 * (2 + 1)
-    for loop in ("ours", "plain"):
+    assert r["executed_flops_per_image"] == {"ours": 2 * macs * 7, "skilled": 2 * macs * 7, "plain": 2 * macs * 9}
+    for loop in ("ours", "skilled", "plain"):
         res = r["results"][loop]
         assert len(res["block_images_per_s"]) == 3 and all(v > 0 for v in res["block_images_per_s"])
         assert res["images_per_s"] == sorted(res["block_images_per_s"])[1]  # the median block
         assert res["flops_per_s"] == pytest.approx(res["images_per_s"] * r["flops_per_image"])
         assert res["ms_per_step"] == pytest.approx(1000 * 8 / res["images_per_s"])
+        assert res["executed_flops_per_s"] == pytest.approx(res["images_per_s"] * r["executed_flops_per_image"][loop])
+        if r["peak"]["fp32"]:  # on Linux: the peak from /proc/cpuinfo
+            assert res["share_of_peak"]["fp32"] == pytest.approx(res["executed_flops_per_s"] / r["peak"]["fp32"])
+    assert r["speedup_vs_skilled"] == pytest.approx(
+        r["results"]["ours"]["images_per_s"] / r["results"]["skilled"]["images_per_s"])
+    assert "| skilled plain loop" in table and "Ours / skilled" in table
     assert r["speedup"] == pytest.approx(r["results"]["ours"]["images_per_s"] / r["results"]["plain"]["images_per_s"])
     ratios = sorted(o / p for o, p in zip(r["results"]["ours"]["block_images_per_s"],
                                           r["results"]["plain"]["block_images_per_s"]))
     assert r["speedup_paired_median"] == pytest.approx(ratios[1])
     assert r["density"] == 0.5
+
+
+def test_the_skilled_loop_trains():
+    """Digits, PGD-2 AT: the skilled baseline's training loss falls (it is a real training loop, not a timer)."""
+    x, y = rs.load_dataset("digits", split="train")
+    torch.manual_seed(0)
+    model = rs.build_model("cnn", 1, 10, (8, 8), width=8)
+    loop = SkilledLoop(model, x[:512], y[:512], 64, 2, 0.05, 0.05, 40, torch.device("cpu"), seed=0)
+    loop.run(40)
+    losses = torch.stack(loop.losses)
+    assert losses[-8:].mean() < 0.8 * losses[:8].mean(), losses
+    assert loop.scheduler.get_last_lr()[0] < 1e-3 * 0.05 + 1e-12  # the cosine schedule reached its end
+
+
+def test_the_skilled_attack_is_our_attack():
+    """Same weights, batch and seed: the skilled PGD (batch-mean loss, torch.autograd.grad, parameters requiring
+    grad) and our PGD (batch-sum loss, parameters frozen) return the same adversarial examples. The batch of 16
+    makes mean = sum / 16 an exact power-of-two scaling, so every gradient sign agrees unless two kernels round
+    differently; tolerance: at most 0.5% of the pixels may differ (a near-zero gradient component flipping sign,
+    then one α step apart per step it lasted), and none by more than 2ε."""
+    from robustsparse.attacks.pgd import PGD
+    torch.manual_seed(0)
+    model = rs.build_model("cnn", 1, 10, (8, 8), width=8).eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.rand(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+    k, eps = 5, 0.1
+    torch.manual_seed(7)
+    ours = PGD(model, eps, steps=k, alpha=2.5 * eps / k)(x, y)
+    torch.manual_seed(7)
+    skilled = skilled_pgd(model, x, y, eps, 2.5 * eps / k, k)
+    differ = (ours - skilled).abs() > 1e-6
+    assert differ.float().mean() <= 0.005, differ.float().mean()
+    assert (ours - skilled).abs().max() <= 2 * eps + 1e-6
+    assert (ours - x).abs().max() > 0.5 * eps  # a real attack moved the points
 
 
 def test_bench_rejects_bad_arguments(tmp_path, capsys):
@@ -97,3 +140,22 @@ def test_bench_inference_is_handed_to_export(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "robustsparse.export", types.ModuleType("robustsparse.export"))
     assert main(["bench", "--inference"]) == 2
     assert "export not available" in capsys.readouterr().err
+
+
+def test_the_peak_follows_the_documented_formula(tmp_path):
+    """cores x clock x FLOP/cycle: 2 FMA x 16 lanes x 2 with AVX-512 on Intel, 8 lanes on AMD or with AVX2; bf16
+    2x fp32 with AVX512-BF16, 1024/cycle with AMX-BF16; parsed from a cpuinfo file as the kernel writes it."""
+    from robustsparse.runs.machine import cpu_peak, cpuinfo
+    text = "".join(f"processor\t: {i}\nvendor_id\t: GenuineIntel\nmodel name\t: Xeon\ncpu MHz\t\t: 2000.000\n"
+                   f"physical id\t: 0\ncore id\t\t: {i}\nflags\t\t: fma avx2 avx512f avx512_bf16 amx_bf16\n\n"
+                   for i in range(2))
+    (tmp_path / "cpuinfo").write_text(text)
+    info = cpuinfo(str(tmp_path / "cpuinfo"))
+    assert info["model"] == "Xeon" and len(info["cores"]) == 2 and info["mhz"] == 2000.0
+    intel = cpu_peak(threads=1, info=info)
+    hz = max(2000.0, intel["mhz"]) * 1e6  # cpufreq's maximum wins where the machine has one
+    assert intel["cores"] == 1 and intel["fp32"] == pytest.approx(hz * 64) and intel["bf16"] == pytest.approx(hz * 1024)
+    vnni = cpu_peak(threads=1, info={**info, "flags": {"avx512f", "avx512_bf16"}})
+    assert vnni["bf16"] == pytest.approx(2 * vnni["fp32"]) and vnni["bf16_unit"] == "avx512_bf16"
+    amd = cpu_peak(threads=1, info={**info, "vendor": "AuthenticAMD", "flags": {"avx2", "avx512f"}})
+    assert amd["fp32_flop_per_cycle"] == 32 and amd["bf16"] is None

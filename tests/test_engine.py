@@ -71,7 +71,10 @@ def test_config_engine_options_are_checked():
         load_config("digits_pgdat", ["train.channels_last=sometimes"])
 
 
-def test_engine_defaults_on_cpu_are_plain():
+def test_engine_defaults_on_cpu_are_plain(monkeypatch):
+    # on a CPU without native bf16; tests/test_precision.py covers the one with it (auto = bf16 there)
+    from robustsparse.train import precision
+    monkeypatch.setattr(precision, "cpu_bf16_support", lambda: None)
     engine = Engine.create(CPU)
     assert (engine.amp, engine.channels_last, engine.compile, engine.scaler, engine.world_size) == \
         ("fp32", False, False, None, 1)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import attack_mode, project
+from .base import attack_mode, full_precision, project
 
 COMPONENTS = ("apgd-ce", "apgd-t", "fab-t", "square")
 STANDARD_BUDGET = {"apgd-ce": 100, "apgd-t": 100, "fab-t": 100, "square": 5000}
@@ -95,7 +95,7 @@ def run_component(name: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
         x_adv = (xb + project(x_adv - xb, eps, norm)).clamp(0.0, 1.0)
         return _still_correct(model, x_adv, yb, batch_size)
 
-    with attack_mode(model):
+    with attack_mode(model), full_precision(x.device):  # a reported attack: fp32 under any caller's autocast
         if chunks is not None:
             return chunks(robust, attack_chunk)
         for start in range(0, len(idx), batch_size):

@@ -33,6 +33,14 @@ def attack_mode(model: nn.Module):
         model.train(was_training)
 
 
+def full_precision(device: torch.device | str):
+    """Autocast off for ``device``'s type: a reported attack and its accuracy are computed in fp32 even when the
+    caller runs inside a bf16/fp16 autocast region (e.g. a training loop's). The training attack does not use this:
+    it is part of the training step and runs in the step's precision."""
+    device_type = torch.device(device).type
+    return torch.autocast(device_type, enabled=False)
+
+
 def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     """Project a perturbation onto the ε-ball of the given norm (per sample)."""
     if norm == "Linf":

@@ -10,6 +10,7 @@ Suite items (comma-separated on the CLI):
 A point counts as robust under an attack only if it is classified correctly both clean and attacked, so every
 robust accuracy is ≤ the clean accuracy by construction; attacks spend their budget only on clean-correct points
 (and AutoAttack only on points still robust). ``worst_case`` is the pointwise worst case over every attack run.
+Everything here runs in fp32 with autocast off, whatever precision the caller trains in (`attacks.base.full_precision`).
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import torch
 from torch import nn
 
 from ..attacks.autoattack import COMPONENTS, describe_component, run_component
-from ..attacks.base import attack_mode
+from ..attacks.base import attack_mode, full_precision
 from ..attacks.fgsm import FGSM
 from ..attacks.pgd import PGD
 from ..errors import UserError
@@ -153,8 +154,15 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite="clean,pg
     """Run a named attack suite on ``model`` over (x, y) and return per-attack and worst-case accuracy.
 
     ``x`` must be float images in [0, 1]; the model is attacked in eval mode with parameter gradients off, exactly
-    as given (for a conditional model, pass the module already configured for its λ/mask/BN path).
+    as given (for a conditional model, pass the module already configured for its λ/mask/BN path), in fp32:
+    autocast is off inside, even if the caller holds a bf16/fp16 autocast context.
     """
+    with full_precision(_model_device(model)):
+        return _evaluate(model, x, y, suite, eps, norm, num_classes, batch_size, seed, state_path, progress,
+                         run_checks)
+
+
+def _evaluate(model, x, y, suite, eps, norm, num_classes, batch_size, seed, state_path, progress, run_checks):
     items = parse_suite(suite)
     if norm not in ("Linf", "L2"):
         raise UserError(f"norm must be Linf or L2, got {norm!r}")

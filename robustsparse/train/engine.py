@@ -10,12 +10,15 @@ Options (``train.*``):
 
 * ``channels_last`` (None = auto: on for CUDA): NHWC weights and batches, cuDNN's fast convolution layout
   (tensor cores). Off on CPU by default: oneDNN picks its own blocked layout there.
-* ``amp`` (auto | bf16 | fp16 | fp32; auto = bf16 on CUDA with bf16 support, fp16 on older GPUs, fp32 on CPU):
-  autocast casts per operation, the parameters, gradients and optimizer state stay fp32 (master weights). bf16 has
-  fp32's range, so it needs no loss scaling and the step never synchronises with the host. fp16 scales the loss
-  (``GradScaler``; its scale is saved in checkpoints), which reads one overflow flag per step, and its attack
-  gradients are unscaled (a sign step survives that; pick bf16 where the GPU has it). Validation and ``eval``
-  always run in fp32.
+* ``amp`` (auto | bf16 | fp16 | fp32; auto = bf16 on CUDA with bf16 support, fp16 on older GPUs, bf16 on CPUs
+  with native bf16 (AMX-BF16 or AVX512-BF16), fp32 on other CPUs; `robustsparse.train.precision` decides and
+  ``describe()`` records its reason in run.json): autocast casts per operation, the parameters, gradients and
+  optimizer state stay fp32 (master weights). bf16 has fp32's range, so it needs no loss scaling and the step
+  never synchronises with the host. fp16 scales the loss (``GradScaler``; its scale is saved in checkpoints),
+  which reads one overflow flag per step, and its attack gradients are unscaled (a sign step survives that; pick
+  bf16 where the GPU has it). The training attack runs inside the step, so in the step's precision; validation,
+  ``eval`` and every reported attack run in fp32 (`robustsparse.eval.evaluate` turns autocast off, whatever
+  context it is called in).
 * ``compile`` (default off): ``torch.compile`` of the model the objective calls; the checkpointed module is the
   plain one, so checkpoints do not depend on it. Compilation costs minutes and pays off on long GPU runs only.
 * Under ``torchrun`` the model is wrapped for DDP (`robustsparse.train.distributed`).
@@ -33,20 +36,20 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from . import distributed
+from . import distributed, precision
 from .distributed import Distributed
 
 AMP_CHOICES = ("auto", "bf16", "fp16", "fp32")
 
 
-def resolve_amp(amp: str, device: torch.device) -> str:
+def resolve_amp(amp: str, device: torch.device) -> tuple[str, str]:
+    """(precision, reason): ``amp`` itself when given, else `precision.auto_precision`'s choice for ``device``."""
     if amp not in AMP_CHOICES:
         raise UserError(f"amp must be one of {', '.join(AMP_CHOICES)}; got {amp!r}")
     if amp != "auto":
-        return amp
-    if device.type != "cuda":
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return amp, f"amp={amp} requested"
+    chosen, reason = precision.auto_precision(device)
+    return chosen, f"auto: {reason}"
 
 
 def _grad_scaler(device: torch.device):
@@ -65,6 +68,7 @@ class Engine:
     compile: bool = False
     sync_bn: bool = True
     dist: Distributed | None = None
+    amp_reason: str = "amp=fp32 requested"
 
     def __post_init__(self):
         self.scaler = _grad_scaler(self.device) if self.amp == "fp16" else None
@@ -77,9 +81,9 @@ class Engine:
         d = distributed.init_from_env(device) if distributed_env else None
         if d is not None:
             device = d.device
-        amp = resolve_amp(amp, device)
+        amp, reason = resolve_amp(amp, device)
         return cls(device, amp, device.type == "cuda" if channels_last is None else bool(channels_last),
-                   bool(compile), bool(sync_bn), d)
+                   bool(compile), bool(sync_bn), d, reason)
 
     @classmethod
     def from_train_config(cls, t, device: torch.device) -> "Engine":
@@ -185,6 +189,7 @@ class Engine:
             self.scaler.load_state_dict(state["grad_scaler"])
 
     def describe(self) -> dict:
-        return {"device": str(self.device), "amp": self.amp, "channels_last": self.channels_last,
+        return {"device": str(self.device), "amp": self.amp, "amp_reason": self.amp_reason,
+                "channels_last": self.channels_last,
                 "compile": self.compile, "world_size": self.world_size,
                 "sync_bn": self.sync_bn if self.dist is not None else None}
