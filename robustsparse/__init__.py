@@ -17,7 +17,7 @@ from .eval import EvalResult, evaluate  # noqa: E402
 from .models import build_model, list_models  # noqa: E402
 from .train import train  # noqa: E402
 from .posttrain import PosttrainResult, posttrain  # noqa: E402
-from .ofa.sweep import sweep  # noqa: E402
+from .pipelines.sweep import sweep  # noqa: E402
 
 __all__ = ["load", "load_meta", "load_dataset", "list_datasets", "build_model", "list_models", "evaluate",
            "EvalResult", "train", "posttrain", "PosttrainResult", "RunConfig", "load_config", "Attack", "FGSM",

@@ -30,7 +30,7 @@ def load(path: str, which: str = "best", device: str | torch.device = "cpu", lam
 
     tensors, meta = load_checkpoint(find_checkpoint(path, prefer=which))
     model = build_from_spec(meta["model_spec"])
-    from .prune.ticket import load_model_state
+    from .pipelines.ticket import load_model_state
     load_model_state(model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
                      source=f"checkpoint {path} ({meta['model_spec']['name']})")
     from .ofa import at_lambda, ofa_method_of

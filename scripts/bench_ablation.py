@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import robustsparse as rs
-from robustsparse.bench import EPS, LR, MOMENTUM, WEIGHT_DECAY, OurLoop, PlainLoop, parse_input_shape, time_loops
+from robustsparse.pipelines.bench import EPS, LR, MOMENTUM, WEIGHT_DECAY, OurLoop, PlainLoop, parse_input_shape, time_loops
 from robustsparse.train.engine import Engine
 
 

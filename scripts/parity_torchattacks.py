@@ -15,7 +15,7 @@ import torch
 import torchattacks
 
 import robustsparse as rs
-from robustsparse.cli import run_eval
+from robustsparse.cli.main import run_eval
 
 
 def independent(model, x, y, eps, num_classes, batch=500):

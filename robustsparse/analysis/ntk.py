@@ -525,7 +525,7 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
                          "pass differentiable=True or memory_budget_mb, not both")
     _check_inputs(x1, x2)
     if masks is None:
-        from .sparse import get_mask
+        from ..sparse import get_mask
         found = get_mask(model)
         masks = {} if found is None else dict(found.items())
     if masks:

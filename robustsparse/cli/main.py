@@ -18,7 +18,7 @@ import json
 import os
 import sys
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -80,25 +80,25 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     sub.add_parser("configs", help="list the configs shipped with the library")
-    from .cli_posttrain import add_posttrain_parser
+    from .posttrain import add_posttrain_parser
     add_posttrain_parser(sub)
-    from .cli_sweep import add_sweep_parser
+    from .sweep import add_sweep_parser
     add_sweep_parser(sub)
-    from .cli_bench import add_bench_parser
+    from .bench import add_bench_parser
     add_bench_parser(sub)
-    from .cli_export import add_export_parser
+    from .export import add_export_parser
     add_export_parser(sub)
     return p
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
     return f"robustsparse {__version__}"
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
-    from .train import train
+    from ..config import load_config
+    from ..train import train
 
     cfg = None
     if args.config is not None and "=" in args.config and not os.path.exists(args.config):
@@ -123,8 +123,8 @@ def run_eval(path, suite=None, eps=None, norm=None, split=None, n=None, which="b
              batch_size=None, seed=0, state=None, progress=True, lam=None, mix=None):
     """Evaluate a run/checkpoint on its own dataset with the run's threat model unless overridden."""
     import robustsparse as rs
-    from .config import config_from_dict
-    from .train.trainer import load_split
+    from ..config import config_from_dict
+    from ..train.trainer import load_split
 
     meta = rs.load_meta(path, which)
     cfg = config_from_dict(meta["config"])
@@ -175,8 +175,8 @@ def _new_demo_dir() -> str:
 
 
 def cmd_demo(args) -> int:
-    from .config import load_config
-    from .story import run_story
+    from ..config import load_config
+    from ..pipelines.demo import run_story
 
     out = args.out or _new_demo_dir()
     cfg = load_config("digits_pgdat", args.overrides)
@@ -194,8 +194,8 @@ def _with_flags(overrides, **flags):
 
 
 def cmd_prune(args) -> int:
-    from .config import load_config
-    from .prune.ticket import prune_to_folder
+    from ..config import load_config
+    from ..pipelines.ticket import prune_to_folder
 
     overrides = _with_flags(args.overrides, **{"prune.method": args.method, "prune.density": args.density})
     if args.config is None and not args.resume:
@@ -212,8 +212,8 @@ def cmd_prune(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import run_compare, run_compare_seeds
-    from .config import load_config
+    from ..pipelines.compare import run_compare, run_compare_seeds
+    from ..config import load_config
 
     cfg = load_config(args.config, args.overrides)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -237,29 +237,29 @@ def cmd_compare(args) -> int:
 
 
 def cmd_configs(args) -> int:
-    from .config import shipped_configs
+    from ..config import shipped_configs
     for name in shipped_configs():
         print(name)
     return 0
 
 
 def _cmd_posttrain(args) -> int:
-    from .cli_posttrain import cmd_posttrain
+    from .posttrain import cmd_posttrain
     return cmd_posttrain(args)
 
 
 def _cmd_sweep(args) -> int:
-    from .cli_sweep import cmd_sweep
+    from .sweep import cmd_sweep
     return cmd_sweep(args)
 
 
 def _cmd_export(args) -> int:
-    from .cli_export import cmd_export
+    from .export import cmd_export
     return cmd_export(args)
 
 
 def _cmd_bench(args) -> int:
-    from .cli_bench import cmd_bench
+    from .bench import cmd_bench
     return cmd_bench(args)
 
 
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides or []) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from .threads import configure_threads
+    from ..utils.threads import configure_threads
     configure_threads()  # no more torch threads than the cores this process may use (threads.py)
     handler = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "configs": cmd_configs,
                "prune": cmd_prune, "compare": cmd_compare, "posttrain": _cmd_posttrain, "sweep": _cmd_sweep,

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import UserError
-from ..progress import progress_bar
+from ..utils.progress import progress_bar
 from . import runtime
 from .compact import emit
 from .kernels import choose_kernels

@@ -27,7 +27,7 @@ from torch import nn
 from ..attacks.pgd import PGD
 from ..errors import UserError
 from ..models.dual_bn import DualBatchNorm2d, bn_route, convert_to_dual_bn
-from ..train.objectives import StepOutput, register_objective
+from ..train.objectives.base import StepOutput, register_objective
 from .base import AtLambda, register_ofa, replace_module, restoring, unwrap
 
 

@@ -37,7 +37,7 @@ from ..attacks.pgd import PGD
 from ..errors import UserError
 from ..models.dual_bn import DualBatchNorm2d, bn_route, convert_to_dual_bn
 from ..sparse.mask import Mask, apply_mask, prunable_parameters, remove_mask
-from ..train.objectives import StepOutput, register_objective
+from ..train.objectives.base import StepOutput, register_objective
 from .base import BN_CLEAN_BELOW, conditioned_layers, register_ofa, replace_module, restoring, unwrap
 from .smart_masks import (BASE_CLASS, _DualMask, dual_mask_copy, expert_masks, initial_scores, keep_count,
                           random_expert_masks)

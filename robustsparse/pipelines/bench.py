@@ -33,8 +33,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
-from .runs.atomic import write_json_atomic
+from ..errors import UserError
+from ..runs.atomic import write_json_atomic
 
 BENCH_FORMAT = "robustsparse-bench/1"
 EPS = 8 / 255
@@ -121,7 +121,7 @@ class PlainLoop:
 
 
 def bench_config(steps: int):
-    from .config import RunConfig
+    from ..config import RunConfig
     cfg = RunConfig()
     cfg.train.method = "pgd_at"
     cfg.attack.eps, cfg.attack.steps, cfg.attack.norm, cfg.attack.random_start = EPS, steps, "Linf", True
@@ -130,7 +130,7 @@ def bench_config(steps: int):
 
 class OurLoop:
     def __init__(self, model, x, y, batch: int, steps: int, engine, seed: int = 0):
-        from .train.objectives import build_objective
+        from ..train.objectives.base import build_objective
         self.engine, self.batch, self.seed = engine, batch, seed
         self.model = model
         self.objective = build_objective(engine.prepare_model(model), bench_config(steps))
@@ -140,7 +140,7 @@ class OurLoop:
         self.loss_sum = torch.zeros((), device=engine.device, dtype=torch.float64)
 
     def run(self, iters: int) -> None:
-        from .train.trainer import step_seed
+        from ..train.trainer import step_seed
         n = len(self.y)
         per_epoch = n // self.batch
         self.model.train()
@@ -163,7 +163,7 @@ def time_loops(loops: dict, batch: int, iters: int, warmup: int, repeats: int, d
                progress: bool = False, desc: str = "bench") -> dict:
     """Warm each loop up, then time ``repeats`` rounds of ``iters`` steps per loop, the order rotating every round
     (drift on a shared machine then hits every loop alike); per loop: the median block's images/s and all blocks."""
-    from .progress import progress_bar
+    from ..utils.progress import progress_bar
     seconds: dict[str, list[float]] = {k: [] for k in loops}
     names = list(loops)
     total = len(loops) * (repeats + (warmup > 0))
@@ -195,10 +195,10 @@ def run_bench(model: str = "cnn", input_shape=(1, 8, 8), batch: int = 64, steps:
               compile: bool = False, threads: int | None = None, density: float | None = None, seed: int = 0,
               progress: bool = True) -> dict:
     """Time both loops (see the module docstring) and return the JSON-ready result."""
-    from .models import build_model
-    from .sparse import sparsity_report
-    from .train.engine import Engine
-    from .train.trainer import resolve_device
+    from ..models import build_model
+    from ..sparse import sparsity_report
+    from ..train.engine import Engine
+    from ..train.trainer import resolve_device
 
     for name, value, lo in (("batch", batch, 1), ("steps", steps, 1), ("iters", iters, 1), ("warmup", warmup, 0),
                             ("repeats", repeats, 1)):
@@ -214,7 +214,7 @@ def run_bench(model: str = "cnn", input_shape=(1, 8, 8), batch: int = 64, steps:
     torch.manual_seed(seed)
     base = build_model(model, input_shape[0], num_classes, input_shape[1:], **(model_options or {})).to(dev)
     if density is not None:  # both loops then run the masked model (mask hooks included)
-        from .sparse import apply_mask, masks_from_scores, prunable_parameters
+        from ..sparse import apply_mask, masks_from_scores, prunable_parameters
         apply_mask(base, masks_from_scores({k: p.abs() for k, p in prunable_parameters(base).items()}, density))
     macs = sparsity_report(base, input_shape).dense_macs
     flops_per_image = 2 * macs * 3 * (steps + 1)

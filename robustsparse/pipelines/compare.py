@@ -5,7 +5,7 @@ evaluated by the one evaluator, in one table and one density–robustness plot.
     <out>/<method>-d<density>/ticket/ the ticket (robustsparse prune output)
     <out>/<method>-d<density>/run/    its training run and eval.json
     <out>/hydra-d<density>/, lwm-d<density>/, imp/   after-training methods: posttrain folders whose pre-trained
-                                      model is <out>/dense (compare_after.py); imp is one chain for all densities
+                                      model is <out>/dense (after_training_cell below); imp is one chain for all densities
     <out>/results.json, results.md, density_robustness.png
 
 Each cell is skipped when its eval.json exists and resumed when its run was interrupted, so a killed grid is
@@ -26,12 +26,12 @@ import sys
 import torch
 import yaml
 
-from .compare_after import after_training_cell, cost_cells, dense_cell_config, is_after_training
-from .config import RunConfig
-from .dynamics import make_probe, plot_dynamics
-from .errors import UserError
-from .runs.atomic import write_json_atomic, write_text_atomic, write_yaml_atomic
-from .stages import eval_stage as _eval_run, train_stage as _train_cell
+from ..config import RunConfig
+from ..analysis.dynamics import make_probe, plot_dynamics
+from ..errors import UserError
+from ..runs.atomic import write_json_atomic, write_text_atomic, write_yaml_atomic
+from ..runs.costs import cost_cells
+from ..train.stages import eval_stage as _eval_run, train_stage as _train_cell
 
 COST_NOTE = ("Training cost per stage, then the total. Dense: its PGD-AT. At initialisation: prune (0 epochs) + "
              "PGD-AT of the ticket. hydra/lwm: dense pre-training (the dense row's run, reused) + score stage or "
@@ -49,9 +49,9 @@ def _cell_name(method: str, density: float) -> str:
 
 def ntk_distances_at_init(ticket_state: dict, dense_init, probe, x_bn) -> tuple[float, float]:
     """(distance with BN at its initial statistics, distance with each network's BN statistics on ``x_bn``)."""
-    from .ntk import empirical_ntk, ntk_distance
-    from .prune.search import calibrate_bn
-    from .prune.ticket import load_model_state
+    from ..analysis.ntk import empirical_ntk, ntk_distance
+    from ..prune.search import calibrate_bn
+    from .ticket import load_model_state
     sparse = copy.deepcopy(dense_init)
     load_model_state(sparse, ticket_state)
 
@@ -69,9 +69,9 @@ def ntk_distances_at_init(ticket_state: dict, dense_init, probe, x_bn) -> tuple[
 def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out: str,
                 suite: str | None = None, progress: bool = True, dynamics: bool = False) -> list[dict]:
     """Run (or continue) the grid in ``out``; ``dynamics`` records NTK/output dynamics and plots dynamics.png."""
-    from .prune import PRUNERS
-    from .prune.ticket import load_ticket, prune_to_folder
-    from .train.trainer import build_from_spec, load_split, model_spec
+    from ..prune import PRUNERS
+    from .ticket import load_ticket, prune_to_folder
+    from ..train.trainer import build_from_spec, load_split, model_spec
 
     unknown = [m for m in methods if m not in PRUNERS and not is_after_training(m)]
     if unknown:
@@ -90,7 +90,7 @@ def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out:
     grid_path = os.path.join(out, "grid.yaml")
     grid = {"config": cfg.to_dict(), "suite": suite}
     if os.path.exists(grid_path):
-        from .config import config_from_dict
+        from ..config import config_from_dict
         with open(grid_path) as fh:
             saved = yaml.safe_load(fh)
         # resolve through the current schema: fields added since the grid started take their defaults
@@ -153,7 +153,7 @@ def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out:
 
 def _row(method, density, ev, run_dir, prune_s, train_s, ntk_dists, stages):
     import robustsparse as rs
-    from .sparse import sparsity_report
+    from ..sparse import sparsity_report
     meta = rs.load_meta(run_dir)
     spec = meta["model_spec"]
     report = sparsity_report(rs.load(run_dir), (spec["in_channels"], *spec["input_size"]))
@@ -189,7 +189,7 @@ def search_cost_lines(rows: list[dict]) -> str:
 
 
 def _write_results(out: str, rows: list[dict], suite: str) -> None:
-    from .report import plot_density_robustness
+    from ..runs.plots import plot_density_robustness
     write_json_atomic(os.path.join(out, "results.json"), rows, sort_keys=False)
     items = list(rows[0]["accuracy"])
     head = ["method", "density"] + [rows[0]["attacks"][i] for i in items] + \
@@ -248,7 +248,7 @@ def seed_statistics(per_seed: list[list[dict]]) -> list[dict]:
 
 
 def _write_seed_results(out: str, rows: list[dict], seeds: list[int]) -> None:
-    from .report import plot_density_robustness
+    from ..runs.plots import plot_density_robustness
     write_json_atomic(os.path.join(out, "results.json"), {"seeds": seeds, "rows": rows}, sort_keys=False)
     items = list(rows[0]["accuracy"])
     head = ["method", "density"] + [rows[0]["attacks"][i] for i in items] + \
@@ -263,3 +263,36 @@ def _write_seed_results(out: str, rows: list[dict], seeds: list[int]) -> None:
             + "\n".join(lines) + "\n\n![density vs robustness (means)](density_robustness.png)\n")
     write_text_atomic(os.path.join(out, "results.md"), text)
     plot_density_robustness(rows, os.path.join(out, "density_robustness.png"))
+
+
+# after-training methods (hydra, lwm, imp) as cells of the grid: a ``posttrain`` pipeline whose pre-trained model
+# is the grid's dense cell (reused, never retrained; its cost is still counted in the cell's total):
+#     <grid>/hydra-d<density>/, <grid>/lwm-d<density>/   posttrain folders (ticket/, finetune/, ...)
+#     <grid>/imp/                                        ONE IMP chain landing on every density of the grid
+
+def is_after_training(method: str) -> bool:
+    from ..posttrain import AFTER_TRAINING  # importing the package registers hydra, lwm and imp
+    return method in AFTER_TRAINING
+
+
+def dense_cell_config(cfg: RunConfig, methods: list[str]) -> RunConfig:
+    """The dense cell keeps the checkpoint IMP rewinds to (``prune.imp_rewind_epoch`` > 0)."""
+    k = cfg.prune.imp_rewind_epoch
+    if "imp" not in methods or not k or k in cfg.train.keep_epochs:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.train.keep_epochs = sorted([*cfg.train.keep_epochs, k])
+    return cfg
+
+
+def after_training_cell(cfg: RunConfig, method: str, density: float, densities: list[float], out: str,
+                        dense_dir: str, suite: str, progress: bool) -> tuple[str, dict, list[dict]]:
+    """Run (or read back) one cell; return (final run folder, its evaluation, its cost stages)."""
+    from ..posttrain import posttrain
+    cell_cfg = copy.deepcopy(cfg)
+    cell_cfg.train.probe_every = 0  # dynamics are recorded from initialisation: not meaningful here
+    folder = os.path.join(out, "imp" if method == "imp" else f"{method}-d{density:g}")
+    result = posttrain(cell_cfg, folder, method=method, density=densities if method == "imp" else density,
+                       pretrained=dense_dir, suite=suite, progress=progress)
+    outcome = next(o for o in result.outcomes if o.density == density)
+    return outcome.run_dir, result.evals[outcome.density], outcome.stages

@@ -18,8 +18,9 @@ import os
 import sys
 import time
 
-from .config import RunConfig
-from .errors import UserError
+from ..config import RunConfig
+from ..errors import UserError
+from ..runs.atomic import write_json_atomic, write_text_atomic
 
 METHODS = ("random", "magnitude", "snip", "grasp", "synflow", "ntt", "awt")
 
@@ -30,8 +31,7 @@ def _say(msg: str) -> None:
 
 def _final_eval(path: str, key: str, suite: str, results: dict, results_path: str, lam=None) -> None:
     """Evaluate ``path`` (at ``lam`` for a once-for-all run) with ``suite`` once; resumable through a state file."""
-    from .cli import run_eval
-    from .runs.atomic import write_json_atomic
+    from ..cli.main import run_eval
     if key in results:
         return
     _say(f"{key}: {suite}")
@@ -46,7 +46,7 @@ def run_story(cfg: RunConfig, out: str, density: float = 0.05, methods=METHODS, 
               progress: bool = True) -> str:
     """Run (or continue) the demo in ``out``; returns the report's path. ``final_suite=None`` skips AutoAttack."""
     from .compare import _train_cell, run_compare
-    from .ofa.sweep import sweep
+    from .sweep import sweep
 
     if not 0 < density < 1:
         raise UserError(f"the demo's density must lie in (0, 1), got {density}")
@@ -108,6 +108,5 @@ def _write_report(out: str, cfg: RunConfig, density: float, rows: list[dict], fi
               "## Wall time (this machine)", "",
               " · ".join(f"{k} {v / 60:.1f} min" for k, v in clock.items()), ""]
     path = os.path.join(out, "report.md")
-    with open(path, "w") as fh:
-        fh.write("\n".join(lines))
+    write_text_atomic(path, "\n".join(lines))  # read back by a rerun (and the scan of tests/test_checkpoint_safety)
     return path

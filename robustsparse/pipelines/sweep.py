@@ -20,8 +20,8 @@ import textwrap
 
 from ..errors import UserError
 from ..runs.atomic import savefig_atomic, write_json_atomic, write_text_atomic
-from .base import check_lambda
-from .cost import cost_table, path_cost
+from ..ofa.base import check_lambda
+from ..ofa.cost import cost_table, path_cost
 
 FORMAT = "robustsparse-sweep/1"
 

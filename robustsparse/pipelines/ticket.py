@@ -22,7 +22,7 @@ from ..errors import UserError
 from ..runs.atomic import holds_nothing_but, write_json_atomic, write_text_atomic, write_yaml_atomic
 from ..runs.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from ..sparse import sparsity_report
-from .registry import Ticket, find_ticket
+from ..prune.registry import Ticket, find_ticket
 
 LABEL = "ticket"
 

@@ -38,11 +38,11 @@ from torch.func import functional_call
 
 from ..data import augment
 from ..eval import evaluate
-from ..progress import progress_bar
+from ..utils.progress import progress_bar
 from ..runs.checkpoint import load_checkpoint, save_checkpoint
 from ..runs.logger import MetricsLog, write_status
 from ..sparse import Mask, masks_from_scores, prunable_parameters
-from ..train.objectives import build_objective
+from ..train.objectives.base import build_objective
 from ..train.schedule import lr_at
 from ..train.trainer import (KILL_AT_STEP_ENV, _load_optimizer, _optimizer_tensors, load_split, resolve_device,
                              step_seed)

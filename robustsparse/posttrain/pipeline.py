@@ -32,12 +32,13 @@ from dataclasses import dataclass, field
 import torch
 import yaml
 
-from .config import RunConfig, config_from_dict
-from .errors import UserError
-from .prune.after import AFTER_TRAINING, Outcome
-from .runs.atomic import holds_nothing_but, write_json_atomic, write_text_atomic, write_yaml_atomic
-from .runs.checkpoint import find_checkpoint, load_checkpoint, read_meta, save_checkpoint
-from .stages import eval_stage, is_finished, recorded_seconds, run_epochs, train_stage
+from ..config import RunConfig, config_from_dict
+from ..errors import UserError
+from .after import AFTER_TRAINING, Outcome
+from ..runs.atomic import holds_nothing_but, write_json_atomic, write_text_atomic, write_yaml_atomic
+from ..runs.costs import total_cost
+from ..runs.checkpoint import find_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from ..train.stages import eval_stage, is_finished, recorded_seconds, run_epochs, train_stage
 
 REQUEST = "posttrain.yaml"
 
@@ -49,20 +50,13 @@ class PosttrainResult:
     outcomes: list[Outcome]
     evals: dict = field(default_factory=dict)  # density -> eval.json contents (absent with suite "none")
 
-    def cost(self, outcome: Outcome) -> dict:
-        return total_cost(outcome.stages)
-
-
-def total_cost(stages: list[dict]) -> dict:
-    return {"epochs": sum(s["epochs"] for s in stages), "seconds": sum(s["seconds"] for s in stages)}
-
 
 class Pipeline:
     """What a method gets: the config, the pre-trained run, and resumable building blocks."""
 
     def __init__(self, cfg: RunConfig, out: str, densities: list[float], pretrained: str, reused: bool,
                  progress: bool = True):
-        from .train.trainer import model_spec, resolve_device
+        from ..train.trainer import model_spec, resolve_device
         self.cfg, self.out, self.densities, self.progress = cfg, out, densities, progress
         self.pretrained, self.reused = pretrained, reused
         self.spec = model_spec(cfg)
@@ -89,7 +83,7 @@ class Pipeline:
 
     def rewind_state(self) -> dict:
         """IMP's rewinding point: θ₀ of the pre-trained run (rebuilt from its seed) or its epoch-k weights."""
-        from .train.trainer import build_from_spec
+        from ..train.trainer import build_from_spec
         k = self.cfg.prune.imp_rewind_epoch
         if k == 0:
             with open(os.path.join(self.pretrained, "config.yaml")) as fh:
@@ -106,9 +100,9 @@ class Pipeline:
     def write_ticket(self, folder: str, state: dict, mask, info: dict) -> None:
         """A ticket folder (what ``train.ticket`` consumes): ``state`` with ``mask`` applied. ticket.json is
         written last, so a kill leaves either no ticket or a whole one."""
-        from .prune.ticket import LABEL, load_model_state
-        from .sparse import apply_mask, sparsity_report
-        from .train.trainer import build_from_spec
+        from ..pipelines.ticket import LABEL, load_model_state
+        from ..sparse import apply_mask, sparsity_report
+        from ..train.trainer import build_from_spec
         model = build_from_spec(self.spec)
         load_model_state(model, {k: v.cpu() for k, v in state.items()})
         apply_mask(model, mask.to("cpu"))
@@ -123,8 +117,8 @@ class Pipeline:
                          "step": 0, "eval_eps": self.cfg.attack.eps, "eval_norm": self.cfg.attack.norm})
 
     def ticket_mask(self, folder: str):
-        from .prune.ticket import load_ticket
-        from .sparse import Mask
+        from ..pipelines.ticket import load_ticket
+        from ..sparse import Mask
         state, _ = load_ticket(folder)
         return Mask({k[:-len("_mask")]: v for k, v in state.items() if k.endswith(".weight_mask")})
 
@@ -169,7 +163,7 @@ def _write_json(path: str, data) -> None:
 
 def _check_pretrained(path: str, cfg: RunConfig) -> dict:
     """Refuse a pre-trained run that cannot serve ``cfg``; return its identity (path and best weights' hash)."""
-    from .train.trainer import model_spec
+    from ..train.trainer import model_spec
     if not os.path.isdir(path):
         raise UserError(f"--pretrained {path} is not a run folder")
     meta = read_meta(find_checkpoint(path, prefer="best"))
@@ -219,7 +213,7 @@ def posttrain(cfg: RunConfig | None, out: str, method: str | None = None, densit
     instead of pre-training one in ``out/pretrain``. ``suite``: the final evaluation (default ``cfg.eval.suite``;
     ``"none"`` skips it). ``resume`` with ``cfg=None`` continues the request saved in ``out``.
     """
-    from .eval.evaluator import parse_suite
+    from ..eval.evaluator import parse_suite
     request_path = os.path.join(out, REQUEST)
     saved = None
     if os.path.exists(request_path):
@@ -258,7 +252,7 @@ def posttrain(cfg: RunConfig | None, out: str, method: str | None = None, densit
     elif not holds_nothing_but(out, REQUEST):
         raise UserError(f"{out} already exists and is not a posttrain run; pick another --out")
     else:
-        from .train.trainer import load_split
+        from ..train.trainer import load_split
         load_split(cfg, "train")  # a missing dataset is refused before the folder exists
         os.makedirs(out, exist_ok=True)
         write_yaml_atomic(request_path, request)  # read back on every rerun: never half-written
@@ -282,5 +276,3 @@ def posttrain(cfg: RunConfig | None, out: str, method: str | None = None, densit
                                                                     **total_cost(o.stages)} for o in outcomes})
     return PosttrainResult(out, method, outcomes, evals)
 
-
-from .prune import hydra, imp, lwm  # noqa: E402,F401  (register the pipelines)

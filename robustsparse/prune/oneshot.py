@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from ..progress import progress_bar
+from ..utils.progress import progress_bar
 from ..sparse import Mask, apply_mask
 from ..sparse.structured import select_mask, structured_masks
 from . import grasp, magnitude, random_prune, snip, synflow

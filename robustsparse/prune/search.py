@@ -55,8 +55,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ..attacks.pgd import PGD
-from ..ntk import empirical_ntk
-from ..progress import progress_bar
+from ..analysis.ntk import empirical_ntk
+from ..utils.progress import progress_bar
 from ..runs.checkpoint import load_checkpoint, save_checkpoint
 from ..sparse import Mask, apply_mask, prunable_parameters
 from ..sparse.mask import _top

@@ -8,7 +8,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .runs.atomic import savefig_atomic, write_text_atomic  # noqa: E402
+from .atomic import savefig_atomic, write_text_atomic  # noqa: E402
 
 
 def plot_curves(rows: list[dict], path: str) -> str:

@@ -12,14 +12,14 @@ import time
 
 import yaml
 
-from .config import RunConfig
-from .runs.atomic import write_json_atomic
+from ..config import RunConfig
+from ..runs.atomic import write_json_atomic
 
 
 def train_stage(cfg: RunConfig, run_dir: str, progress: bool = True) -> float:
     """Train ``cfg`` into ``run_dir`` unless finished; return the wall seconds of the invocation that finished it
     (recorded in ``train_seconds.json``; time spent in an invocation that was killed is not counted)."""
-    from .train import train
+    from . import train
     started = time.perf_counter()
     if os.path.exists(os.path.join(run_dir, "checkpoints", "last.json")):
         if is_finished(run_dir):
@@ -48,7 +48,7 @@ def recorded_seconds(run_dir: str) -> float:
     if os.path.exists(path):
         with open(path) as fh:
             return json.load(fh)["seconds"]
-    from .runs.logger import read_metrics
+    from ..runs.logger import read_metrics
     return sum(r["seconds"] for r in read_metrics(run_dir))
 
 
@@ -61,7 +61,7 @@ def run_epochs(run_dir: str) -> int:
 def eval_stage(run_dir: str, suite: str, name: str = "eval", progress: bool = True) -> dict:
     """Evaluate a run's best checkpoint with ``suite`` into ``<run>/<name>.json`` (resumable via
     ``<name>-state.json``); a finished evaluation is read back, not recomputed."""
-    from .cli import run_eval
+    from ..cli.main import run_eval
     path = os.path.join(run_dir, f"{name}.json")
     if os.path.exists(path):
         with open(path) as fh:

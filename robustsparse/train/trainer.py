@@ -22,15 +22,15 @@ from ..config import RunConfig, config_from_dict
 from ..data import augment, dataset_spec, load_dataset
 from ..errors import UserError
 from ..models import build_model
-from ..progress import progress_bar
-from ..prune.ticket import load_model_state
+from ..utils.progress import progress_bar
+from ..pipelines.ticket import load_model_state
 from ..runs.atomic import holds_nothing_but, write_yaml_atomic
 from ..runs.checkpoint import newest_intact, save_checkpoint
 from ..runs.logger import MetricsLog, write_status
 from .distributed import RowsOnly
 from .engine import Engine
 from .guards import TrainingGuard
-from .objectives import build_objective
+from .objectives.base import build_objective
 from .schedule import lr_at
 
 KILL_AT_STEP_ENV = "ROBUSTSPARSE_KILL_AT_STEP"  # fault injection for resume tests: SIGKILL self at this global step
@@ -139,7 +139,7 @@ def _summary(row: dict, epochs: int) -> str:
 
 def _start_from_ticket(model, path: str, spec: dict) -> None:
     """Load a ticket's mask and initial weights into ``model``; refuse a ticket for another architecture."""
-    from ..prune.ticket import load_ticket
+    from ..pipelines.ticket import load_ticket
     state, meta = load_ticket(path)
     if meta["model_spec"] != spec:
         raise UserError(f"ticket {path} was found for {meta['model_spec']}, but this run builds {spec}; "
@@ -162,7 +162,7 @@ def train(cfg: RunConfig | None, out: str, resume: bool = False, progress: bool 
                                 weight_decay=t.weight_decay)
     recorder = None
     if t.probe_every:  # probe from the dense θ₀ (the model as built, before any ticket is loaded)
-        from ..dynamics import DynamicsRecorder, make_probe
+        from ..analysis.dynamics import DynamicsRecorder, make_probe
         probe = make_probe(cfg, model)
     if t.ticket is not None:  # the mask's own hooks keep pruned weights exactly 0 through every step
         _start_from_ticket(model, t.ticket, spec)
@@ -294,7 +294,7 @@ def train(cfg: RunConfig | None, out: str, resume: bool = False, progress: bool 
             checkpoint(f"epoch-{epoch + 1}", epoch + 1, 0, None)
         checkpoint("last", epoch + 1, 0, None)
         if engine.is_main:
-            from ..report import plot_curves
+            from ..runs.plots import plot_curves
             plot_curves(log.rows, os.path.join(out, "curves.png"))
     log.close()
     if engine.is_main:

@@ -16,9 +16,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..attacks.pgd import PGD
-from ..attacks.trades import TradesKL
-from ..config import RunConfig
+from ...attacks.pgd import PGD
+from ...attacks.trades import TradesKL
+from ...config import RunConfig
 
 OBJECTIVES: dict[str, Callable] = {}
 
@@ -82,4 +82,4 @@ def build_objective(model, cfg: RunConfig):
 
 
 from . import fgsm_at  # noqa: E402,F401  one file per objective; importing it registers it
-from .. import ofa as _ofa  # noqa: E402,F401  once-for-all objectives: oat, float, smart (robustsparse/ofa/)
+from ... import ofa as _ofa  # noqa: E402,F401  once-for-all objectives: oat, float, smart (robustsparse/ofa/)

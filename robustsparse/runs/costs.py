@@ -1,42 +1,12 @@
-"""The after-training methods (hydra, lwm, imp) as cells of the comparison grid, and the grid's cost columns.
-
-An after-training cell is a ``posttrain`` pipeline whose pre-trained model is the grid's dense cell (reused, never
-retrained; its cost is still counted in the cell's total):
-
-    <grid>/hydra-d<density>/, <grid>/lwm-d<density>/   posttrain folders (ticket/, finetune/, ...)
-    <grid>/imp/                                        ONE IMP chain landing on every density of the grid
-"""
+"""A run's cost, stage by stage: every pipeline (posttrain, compare) reports epochs and wall seconds per stage and
+their totals, so a method is compared by the whole cost of getting a sparse robust network."""
 from __future__ import annotations
 
-import copy
-import os
 
-from .config import RunConfig
-
-
-def is_after_training(method: str) -> bool:
-    from .prune.after import AFTER_TRAINING
-    import robustsparse.posttrain  # noqa: F401  (registers the pipelines)
-    return method in AFTER_TRAINING
+def total_cost(stages: list[dict]) -> dict:
+    return {"epochs": sum(s["epochs"] for s in stages), "seconds": sum(s["seconds"] for s in stages)}
 
 
-def dense_cell_config(cfg: RunConfig, methods: list[str]) -> RunConfig:
-    """The dense cell keeps the checkpoint IMP rewinds to (``prune.imp_rewind_epoch`` > 0)."""
-    k = cfg.prune.imp_rewind_epoch
-    if "imp" not in methods or not k or k in cfg.train.keep_epochs:
-        return cfg
-    cfg = copy.deepcopy(cfg)
-    cfg.train.keep_epochs = sorted([*cfg.train.keep_epochs, k])
-    return cfg
-
-
-def after_training_cell(cfg: RunConfig, method: str, density: float, densities: list[float], out: str,
-                        dense_dir: str, suite: str, progress: bool) -> tuple[str, dict, list[dict]]:
-    """Run (or read back) one cell; return (final run folder, its evaluation, its cost stages)."""
-    from .posttrain import posttrain
-    cell_cfg = copy.deepcopy(cfg)
-    cell_cfg.train.probe_every = 0  # dynamics are recorded from initialisation: not meaningful here
-    folder = os.path.join(out, "imp" if method == "imp" else f"{method}-d{density:g}")
     result = posttrain(cell_cfg, folder, method=method, density=densities if method == "imp" else density,
                        pretrained=dense_dir, suite=suite, progress=progress)
     outcome = next(o for o in result.outcomes if o.density == density)
