@@ -19,7 +19,7 @@ from robustsparse.config import load_config
 from robustsparse.posttrain import posttrain
 from robustsparse.posttrain.hydra import ScoredNetwork, freeze_for_scoring, scaled_scores, score_stage
 from robustsparse.posttrain.imp import imp_schedule, next_mask
-from robustsparse.pipelines.ticket import load_ticket
+from robustsparse.sparse.ticket import load_ticket
 from robustsparse.runs.checkpoint import load_checkpoint
 from robustsparse.sparse import Mask, masks_from_scores, prunable_parameters
 from robustsparse.train import train

@@ -9,7 +9,8 @@ import robustsparse as rs
 from robustsparse.cli import main
 from robustsparse.config import load_config
 from robustsparse.errors import UserError
-from robustsparse.pipelines.ticket import load_ticket, prune_to_folder
+from robustsparse.pipelines.ticket import prune_to_folder
+from robustsparse.sparse.ticket import load_ticket
 from robustsparse.sparse import get_mask, prunable_parameters
 from robustsparse.train import train
 
@@ -74,7 +75,7 @@ def test_awt_search_variants_run_and_keep_exact_density(tmp_path, overrides):
 
 
 def test_calibrate_bn_sets_each_layer_to_its_batch_statistics_and_leaves_eval_mode():
-    from robustsparse.prune.search import calibrate_bn
+    from robustsparse.models.bn import calibrate_bn
     torch.manual_seed(0)
     model = rs.build_model("cnn", 1, 10, (8, 8), width=8)
     x = torch.rand(32, 1, 8, 8)
@@ -95,8 +96,8 @@ def test_a_batch_statistics_search_brings_the_ticket_closer_to_dense_under_batch
     """What bn_stats=batch is for: the kernel that training's batch-statistics BN sees gets closer to dense."""
     import copy
     from robustsparse.analysis.ntk import empirical_ntk, ntk_distance
-    from robustsparse.prune.search import calibrate_bn
-    from robustsparse.pipelines.ticket import load_model_state
+    from robustsparse.models.bn import calibrate_bn
+    from robustsparse.sparse import load_model_state
     base = TINY + ["prune.method=awt", "prune.density=0.1", "prune.search_iters=12", "prune.search_batch=4",
                    "prune.mask_update_every=100", "prune.bn_stats=batch", "prune.bn_samples=64"]
     searched = prune_to_folder(load_config("digits_pgdat", base), str(tmp_path / "a"), progress=False)
@@ -217,8 +218,8 @@ def test_a_dense_scale_ticket_has_a_kernel_nearer_dense_magnitude_under_batch_st
     rescale=dense gives much of it back. Same mask, same search."""
     import copy
     from robustsparse.analysis.ntk import empirical_ntk
-    from robustsparse.prune.search import calibrate_bn
-    from robustsparse.pipelines.ticket import load_model_state
+    from robustsparse.models.bn import calibrate_bn
+    from robustsparse.sparse import load_model_state
     base = TINY + ["prune.method=awt", "prune.density=0.1", "prune.mask_update_every=100"]
     plain = prune_to_folder(load_config("digits_pgdat", base), str(tmp_path / "p"), progress=False)
     scaled = prune_to_folder(load_config("digits_pgdat", base + ["prune.rescale=dense"]), str(tmp_path / "d"),
@@ -282,8 +283,9 @@ def _batch_bn_distance_by_hand(ticket_dir: str) -> float:
     import copy
     from torch.func import functional_call, jacrev, vmap
     from robustsparse.analysis.dynamics import make_probe
-    from robustsparse.pipelines.ticket import load_model_state
-    from robustsparse.train.trainer import build_from_spec, load_split, model_spec
+    from robustsparse.sparse import load_model_state
+    from robustsparse.data import load_split
+    from robustsparse.train.spec import build_from_spec, model_spec
     cfg = load_config("digits_pgdat", TINY)
     torch.manual_seed(cfg.train.seed)
     dense = build_from_spec(model_spec(cfg)).eval()

@@ -26,7 +26,7 @@ PROBE_POINTS = 16
 def make_probe(cfg, dense_init) -> torch.Tensor:
     """The fixed adversarial probe set of a config (deterministic given data, seed and attack)."""
     from ..attacks.pgd import PGD
-    from ..train.trainer import load_split
+    from ..data import load_split
     x, y = load_split(cfg, "val")
     if len(y) == 0:
         x, y = load_split(cfg, "train")

@@ -32,7 +32,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..pipelines.bench import parse_model_options
+from ..config import parse_model_options
 from ..errors import UserError
 from ..runs.atomic import write_json_atomic
 from .export import compile_model, input_shape_of, parse_batches

@@ -18,9 +18,11 @@ import os
 import sys
 import time
 
+from ..api import evaluate_run
 from ..config import RunConfig
 from ..errors import UserError
 from ..runs.atomic import write_json_atomic, write_text_atomic
+from ..train.stages import train_stage
 
 METHODS = ("random", "magnitude", "snip", "grasp", "synflow", "ntt", "awt")
 
@@ -31,12 +33,11 @@ def _say(msg: str) -> None:
 
 def _final_eval(path: str, key: str, suite: str, results: dict, results_path: str, lam=None) -> None:
     """Evaluate ``path`` (at ``lam`` for a once-for-all run) with ``suite`` once; resumable through a state file."""
-    from ..cli.main import run_eval
     if key in results:
         return
     _say(f"{key}: {suite}")
     state = os.path.join(os.path.dirname(results_path), f".state-{key.replace(' ', '_').replace('=', '')}.json")
-    result, _ = run_eval(path, suite=suite, state=state, lam=lam)
+    result, _ = evaluate_run(path, suite=suite, state=state, lam=lam)
     results[key] = result.to_dict()
     write_json_atomic(results_path, results, sort_keys=False)
 
@@ -45,7 +46,7 @@ def run_story(cfg: RunConfig, out: str, density: float = 0.05, methods=METHODS, 
               final_suite: str | None = "clean,pgd-20,autoattack", lams: str = "0:1:0.2",
               progress: bool = True) -> str:
     """Run (or continue) the demo in ``out``; returns the report's path. ``final_suite=None`` skips AutoAttack."""
-    from .compare import _train_cell, run_compare
+    from .compare import run_compare
     from .sweep import sweep
 
     if not 0 < density < 1:
@@ -60,7 +61,7 @@ def run_story(cfg: RunConfig, out: str, density: float = 0.05, methods=METHODS, 
     smart_cfg = copy.deepcopy(cfg)
     smart_cfg.train.method = "smart"
     smart_dir, dense_dir = os.path.join(out, "smart"), os.path.join(out, "grid", "dense")
-    clock["smart"] = _train_cell(smart_cfg, smart_dir, progress)
+    clock["smart"] = train_stage(smart_cfg, smart_dir, progress)
 
     _say(f"3/4 lambda sweep ({lams}) of SMART next to dense PGD-AT")
     t = time.perf_counter()

@@ -18,34 +18,37 @@ from a ticket (the mask, W ⊙ m, and the stage's BN): see ``pipeline`` below an
 ``prune.scope=global`` ranks all layers together instead (our option; HYDRA is per layer). Per-layer counts are
 ``round(k · n)`` (HYDRA: ``n − int((1 − k) · n)``), with the layer-collapse guard of ``masks_from_scores``.
 
-Resumable exactly like the trainer: each step is seeded from (prune.seed, epoch, step); the scores, the network
-(BN parameters and statistics), the optimizer and the partial-epoch sums are checkpointed every
-``train.checkpoint_every_steps`` steps and at each epoch end; ``ROBUSTSPARSE_KILL_AT_STEP`` SIGKILLs the process
-at that global step of the stage, so tests can kill it and check that the resumed stage ends with the same mask.
+The score stage runs through the trainer's step loop (train/loop.py: the same per-step seeds, from prune.seed,
+the engine's AMP/channels_last/compile from ``train.*``, the step checkpoints and ``ROBUSTSPARSE_KILL_AT_STEP``)
+and the trainer's divergence guard (a NaN/inf or exploding loss, or a NaN score, stops it before the checkpoint).
+The scores, the network (BN parameters and statistics), the optimizer and the partial-epoch sums are checkpointed
+every ``train.checkpoint_every_steps`` steps and at each epoch end, so a killed stage resumes to the same mask.
 """
 from __future__ import annotations
 
 import copy
 import math
 import os
-import signal
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..data import augment
+from ..data import load_split
 from ..eval import evaluate
-from ..utils.progress import progress_bar
-from ..runs.checkpoint import load_checkpoint, save_checkpoint
+from ..runs.checkpoint import load_checkpoint, load_optimizer, optimizer_tensors, save_checkpoint
 from ..runs.logger import MetricsLog, write_status
 from ..sparse import Mask, masks_from_scores, prunable_parameters
-from ..train.objectives.base import build_objective
+from ..train.engine import Engine
+from ..train.guards import TrainingGuard
+from ..train.loop import StepCounts, kill_step, run_steps, seeded_batches
+from ..train.objectives import build_objective
 from ..train.schedule import lr_at
-from ..train.trainer import (KILL_AT_STEP_ENV, _load_optimizer, _optimizer_tensors, load_split, resolve_device,
-                             step_seed)
+from ..utils.device import resolve_device
+from ..utils.progress import progress_bar
 from .after import Outcome, after_scope, register_after_training
 
 MASK_FILE = "mask.safetensors"
@@ -112,117 +115,134 @@ def freeze_for_scoring(net: nn.Module, freeze_bn: bool) -> list[nn.Parameter]:
     return trainable
 
 
-def score_stage(cfg, net: nn.Module, out: str, progress: bool = True) -> tuple[Mask, dict[str, Tensor], dict]:
-    """Run, resume or read back the score stage of the pre-trained ``net`` (modified: its BN trains) in the folder
-    ``out``. Returns (final mask, the network's state dict, {"epochs", "seconds"})."""
+@dataclass
+class _ScoreStage:
+    """What the score stage holds, built by ``_setup``."""
+    cfg: object
+    out: str
+    engine: Engine
+    net: nn.Module
+    scored: ScoredNetwork
+    optimizer: torch.optim.Optimizer
+    objective: object
+    data: tuple  # x_train, y_train, x_val, y_val on the device
+    batch: int
+    steps_per_epoch: int
+    initial_mask: Mask
+
+    def lr(self, global_step: int) -> float:
+        p, t = self.cfg.prune, self.cfg.train
+        return lr_at(global_step, self.steps_per_epoch * p.hydra_epochs, p.hydra_lr, t.schedule, 0, t.milestones)
+
+    def checkpoint(self, epoch: int, step: int, epoch_sums: dict | None, seconds: float) -> None:
+        tensors, groups = optimizer_tensors(self.optimizer)
+        tensors.update({f"scores.{k}": v for k, v in self.scored.score_dict().items()})
+        tensors.update({f"model.{k}": v for k, v in self.net.state_dict().items()})
+        save_checkpoint(os.path.join(self.out, "checkpoints"), "last", tensors, {
+            "epoch": epoch, "step": step, "epoch_sums": epoch_sums, "seconds": seconds,
+            "optimizer_param_groups": groups, "config": self.cfg.to_dict(), "engine": self.engine.state_dict()})
+
+
+def _setup(cfg, net: nn.Module, out: str) -> _ScoreStage:
     p, t = cfg.prune, cfg.train
-    device = resolve_device(t.device)
+    # one process (no torchrun group): the stage's own engine, for AMP, channels_last and compile
+    engine = Engine.create(resolve_device(t.device), amp=t.amp, channels_last=t.channels_last, compile=t.compile)
+    device = engine.device
     net = net.to(device)
     bn_params = freeze_for_scoring(net, p.freeze_bn)
     scored = ScoredNetwork(net, scaled_scores(net), p.density, after_scope(cfg), p.min_layer_density).to(device)
-    initial_mask = scored.mask
     optimizer = torch.optim.SGD(list(scored.scores) + bn_params, lr=p.hydra_lr, momentum=t.momentum,
                                 weight_decay=p.hydra_weight_decay)
     x_train, y_train = (v.to(device) for v in load_split(cfg, "train"))
     x_val, y_val = (v.to(device) for v in load_split(cfg, "val"))
     obj_cfg = copy.deepcopy(cfg)
     obj_cfg.train.method = p.hydra_objective
-    objective = build_objective(scored, obj_cfg)
-    n = len(y_train)
-    batch = min(t.batch_size, n)
-    steps_per_epoch = n // batch
-    total_steps = steps_per_epoch * p.hydra_epochs
-    ckpt_dir = os.path.join(out, "checkpoints")
-    os.makedirs(ckpt_dir, exist_ok=True)
+    objective = build_objective(engine.prepare_model(scored), obj_cfg)
+    batch = min(t.batch_size, len(y_train))
+    os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
+    return _ScoreStage(cfg, out, engine, net, scored, optimizer, objective, (x_train, y_train, x_val, y_val), batch,
+                       len(y_train) // batch, scored.mask)
 
-    start_epoch, start_step, sums, spent = 0, 0, None, 0.0
-    handle = os.path.join(ckpt_dir, "last.json")
-    resumed = os.path.exists(handle)
-    if resumed:
-        tensors, meta = load_checkpoint(handle)
-        with torch.no_grad():
-            for name, s in scored.score_dict().items():
-                s.copy_(tensors[f"scores.{name}"])
-        net.load_state_dict({k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("model.")})
-        _load_optimizer(optimizer, {k: v.to(device) for k, v in tensors.items()}, meta["optimizer_param_groups"])
-        start_epoch, start_step, sums, spent = meta["epoch"], meta["step"], meta["epoch_sums"], meta["seconds"]
-        scored.select()
-    if start_epoch >= p.hydra_epochs:  # finished earlier: read back
-        return scored.mask, net.state_dict(), {"epochs": p.hydra_epochs, "seconds": spent}
 
-    log = MetricsLog(out, resume_epoch=start_epoch if resumed else 0, purge_step=start_epoch * steps_per_epoch)
-    write_status(out, status="running", stage="hydra scores", device=str(device))
+def _resume(st: _ScoreStage) -> tuple[int, int, dict | None, float, bool]:
+    """(epoch, step, partial-epoch sums, seconds spent, resumed) from the stage's last checkpoint, if any."""
+    handle = os.path.join(st.out, "checkpoints", "last.json")
+    if not os.path.exists(handle):
+        return 0, 0, None, 0.0, False
+    device = st.engine.device
+    tensors, meta = load_checkpoint(handle)
+    with torch.no_grad():
+        for name, s in st.scored.score_dict().items():
+            s.copy_(tensors[f"scores.{name}"])
+    st.net.load_state_dict({k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("model.")})
+    load_optimizer(st.optimizer, {k: v.to(device) for k, v in tensors.items()}, meta["optimizer_param_groups"])
+    st.engine.load_state_dict(meta.get("engine"))
+    st.scored.select()
+    return meta["epoch"], meta["step"], meta["epoch_sums"], meta["seconds"], True
+
+
+def _score_epoch(st: _ScoreStage, epoch: int, first: int, sums: dict | None, guard, clock: float,
+                 progress: bool) -> dict:
+    """Steps ``first``.. of one epoch of the stage, then its metrics row (validation included)."""
+    p, t = st.cfg.prune, st.cfg.train
+    started = time.perf_counter()
+    saved = sums if first and sums else None
+    counts = StepCounts(st.engine.device, saved["acc"] if saved else None)
+    if saved:
+        started -= saved["seconds"]
+
+    def step_checkpoint(next_step: int) -> None:
+        epoch_sums = {"acc": counts.as_list(), "seconds": time.perf_counter() - started}
+        guard.check(epoch_sums["acc"], epoch, next_step)
+        st.checkpoint(epoch, next_step, epoch_sums, time.perf_counter() - clock)
+
+    x_train, y_train, x_val, y_val = st.data
+    st.scored.train()
+    with progress_bar(total=st.steps_per_epoch, initial=first, desc=f"HYDRA scores {epoch + 1}/{p.hydra_epochs}",
+                      enabled=progress, unit="step") as bar:
+        batches = seeded_batches(x_train, y_train, p.seed, epoch, first, st.steps_per_epoch, st.batch,
+                                 st.cfg.data.crop_padding, st.cfg.data.flip, st.engine, kill_step())
+        lr = run_steps(batches, st.engine, st.objective, st.optimizer, counts, st.lr, after_step=st.scored.select,
+                       bar=bar, every=t.checkpoint_every_steps, on_checkpoint=step_checkpoint,
+                       steps_per_epoch=st.steps_per_epoch)
+    totals = counts.as_list()
+    guard.check(totals[:2], epoch, st.steps_per_epoch)
+    metrics = StepCounts.row(totals)
+    row = {"epoch": epoch, "step": (epoch + 1) * st.steps_per_epoch, "lr": lr, "train_loss": metrics.pop("train_loss"),
+           **metrics, "seconds": time.perf_counter() - started,
+           "mask_kept_from_lwm": _overlap(st.scored.mask, st.initial_mask)}
+    if len(y_val):
+        attack = f"pgd-{t.val_attack_steps}"
+        res = evaluate(st.scored, x_val, y_val, suite=f"clean,{attack}", eps=st.cfg.attack.eps,
+                       norm=st.cfg.attack.norm, num_classes=int(y_train.max()) + 1, progress=False, run_checks=False)
+        row.update(val_clean_acc=res.accuracy["clean"], val_robust_acc=res.accuracy[attack],
+                   val_attack=res.attacks[attack])
+    return row
+
+
+def score_stage(cfg, net: nn.Module, out: str, progress: bool = True) -> tuple[Mask, dict[str, Tensor], dict]:
+    """Run, resume or read back the score stage of the pre-trained ``net`` (modified: its BN trains) in the folder
+    ``out``. Returns (final mask, the network's state dict, {"epochs", "seconds"})."""
+    epochs = cfg.prune.hydra_epochs
+    st = _setup(cfg, net, out)
+    start_epoch, start_step, sums, spent, resumed = _resume(st)
+    if start_epoch >= epochs:  # finished earlier: read back
+        return st.scored.mask, st.net.state_dict(), {"epochs": epochs, "seconds": spent}
+    log = MetricsLog(out, resume_epoch=start_epoch if resumed else 0, purge_step=start_epoch * st.steps_per_epoch)
+    write_status(out, status="running", stage="hydra scores", device=str(st.engine.device))
+    guard = TrainingGuard(out, cfg.train, int(st.data[1].max()) + 1, st.scored)  # divergence (scores, BN too)
     clock = time.perf_counter() - spent
-
-    def checkpoint(epoch, step, epoch_sums):
-        tensors, groups = _optimizer_tensors(optimizer)
-        tensors.update({f"scores.{k}": v for k, v in scored.score_dict().items()})
-        tensors.update({f"model.{k}": v for k, v in net.state_dict().items()})
-        save_checkpoint(ckpt_dir, "last", tensors, {
-            "epoch": epoch, "step": step, "epoch_sums": epoch_sums, "seconds": time.perf_counter() - clock,
-            "optimizer_param_groups": groups, "config": cfg.to_dict()})
-
-    kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1"))
-    for epoch in range(start_epoch, p.hydra_epochs):
-        started = time.perf_counter()
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(p.seed, epoch, -1))).to(device)
-        acc = torch.zeros(4, device=device, dtype=torch.float64)  # loss·n, n, clean correct, adv correct
-        first = start_step if epoch == start_epoch else 0
-        if first and sums:
-            acc += torch.tensor(sums["acc"], device=device, dtype=torch.float64)
-            started -= sums["seconds"]
-        scored.train()
-        with progress_bar(total=steps_per_epoch, initial=first, desc=f"HYDRA scores {epoch + 1}/{p.hydra_epochs}",
-                          enabled=progress, unit="step") as bar:
-            for step in range(first, steps_per_epoch):
-                global_step = epoch * steps_per_epoch + step
-                if global_step == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                seed = step_seed(p.seed, epoch, step)
-                torch.manual_seed(seed)
-                idx = perm[step * batch:(step + 1) * batch]
-                gen = torch.Generator(device=device).manual_seed(seed)
-                xb = augment(x_train[idx], cfg.data.crop_padding, cfg.data.flip, generator=gen)
-                yb = y_train[idx]
-                lr = lr_at(global_step, total_steps, p.hydra_lr, t.schedule, 0, t.milestones)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                result = objective(xb, yb)
-                optimizer.zero_grad(set_to_none=True)
-                result.loss.backward()
-                optimizer.step()
-                scored.select()
-                acc[0] += result.loss.detach() * len(yb)
-                acc[1] += len(yb)
-                if result.correct_clean is not None:
-                    acc[2] += result.correct_clean
-                if result.correct_adv is not None:
-                    acc[3] += result.correct_adv
-                bar.update(1)
-                if t.checkpoint_every_steps and (global_step + 1) % t.checkpoint_every_steps == 0 \
-                        and step + 1 < steps_per_epoch:
-                    checkpoint(epoch, step + 1, {"acc": acc.tolist(), "seconds": time.perf_counter() - started})
-        loss_sum, seen, clean_ok, adv_ok = acc.tolist()
-        row = {"epoch": epoch, "step": (epoch + 1) * steps_per_epoch, "lr": lr, "train_loss": loss_sum / seen,
-               "train_adv_acc": adv_ok / seen, "seconds": time.perf_counter() - started,
-               "mask_kept_from_lwm": _overlap(scored.mask, initial_mask)}
-        if p.hydra_objective == "trades":
-            row["train_clean_acc"] = clean_ok / seen
-        if len(y_val):
-            res = evaluate(scored, x_val, y_val, suite=f"clean,pgd-{t.val_attack_steps}", eps=cfg.attack.eps,
-                           norm=cfg.attack.norm, num_classes=int(y_train.max()) + 1, progress=False,
-                           run_checks=False)
-            row.update(val_clean_acc=res.accuracy["clean"], val_robust_acc=res.accuracy[f"pgd-{t.val_attack_steps}"],
-                       val_attack=res.attacks[f"pgd-{t.val_attack_steps}"])
+    for epoch in range(start_epoch, epochs):
+        row = _score_epoch(st, epoch, start_step if epoch == start_epoch else 0, sums, guard, clock, progress)
         log.append(row, row["step"])
         if progress:
-            print(_summary(row, p.hydra_epochs), file=sys.stderr, flush=True)
-        checkpoint(epoch + 1, 0, None)
+            print(_summary(row, epochs), file=sys.stderr, flush=True)
+        st.checkpoint(epoch + 1, 0, None, time.perf_counter() - clock)
     log.close()
-    scored.mask.save(os.path.join(out, MASK_FILE))
+    st.scored.mask.save(os.path.join(out, MASK_FILE))
     seconds = time.perf_counter() - clock
-    write_status(out, status="finished", stage="hydra scores", epochs=p.hydra_epochs, seconds=seconds)
-    return scored.mask, net.state_dict(), {"epochs": p.hydra_epochs, "seconds": seconds}
+    write_status(out, status="finished", stage="hydra scores", epochs=epochs, seconds=seconds)
+    return st.scored.mask, st.net.state_dict(), {"epochs": epochs, "seconds": seconds}
 
 
 def _overlap(mask: Mask, reference: Mask) -> float:

@@ -7,12 +7,6 @@ def total_cost(stages: list[dict]) -> dict:
     return {"epochs": sum(s["epochs"] for s in stages), "seconds": sum(s["seconds"] for s in stages)}
 
 
-    result = posttrain(cell_cfg, folder, method=method, density=densities if method == "imp" else density,
-                       pretrained=dense_dir, suite=suite, progress=progress)
-    outcome = next(o for o in result.outcomes if o.density == density)
-    return outcome.run_dir, result.evals[outcome.density], outcome.stages
-
-
 def _seconds(s: float) -> str:
     return f"{s:.1f}" if s < 10 else f"{s:.0f}"
 

@@ -1,0 +1,50 @@
+"""The dense objectives.
+
+    standard : L = CE(f(x), y)
+    pgd_at   : L = CE(f(x*), y),  x* = PGD-k(x)                                         (Madry et al., 2018)
+    trades   : L = CE(f(x), y) + β · KL(softmax f(x) ‖ softmax f(x*)),  x* = KL-PGD-k(x) (Zhang et al., 2019)
+"""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from ...attacks.pgd import PGD
+from ...attacks.trades import TradesKL
+from ...config import RunConfig
+from .base import Objective, StepOutput, _count, register_objective
+
+
+@register_objective("standard")
+def standard(model, cfg: RunConfig):
+    def step(x, y):
+        logits = model(x)
+        return StepOutput(F.cross_entropy(logits, y), correct_clean=_count(logits.detach(), y))
+    return Objective(step, selects_on="val_clean_acc")  # no attack in training: best = clean accuracy
+
+
+@register_objective("pgd_at")
+def pgd_at(model, cfg: RunConfig):
+    a = cfg.attack
+    attack = PGD(model, a.eps, steps=a.steps, alpha=cfg.train_alpha, norm=a.norm, random_start=a.random_start)
+
+    def step(x, y):
+        x_adv = attack(x, y)
+        logits = model(x_adv)
+        return StepOutput(F.cross_entropy(logits, y), correct_adv=_count(logits.detach(), y))
+    return step
+
+
+@register_objective("trades")
+def trades(model, cfg: RunConfig):
+    a = cfg.attack
+    attack = TradesKL(model, a.eps, steps=a.steps, alpha=cfg.train_alpha)
+    beta = cfg.train.trades_beta
+
+    def step(x, y):
+        x_adv = attack(x, y)
+        logits_clean, logits_adv = model(x), model(x_adv)
+        robust = F.kl_div(F.log_softmax(logits_adv, dim=1), F.softmax(logits_clean, dim=1), reduction="batchmean")
+        loss = F.cross_entropy(logits_clean, y) + beta * robust
+        return StepOutput(loss, correct_clean=_count(logits_clean.detach(), y),
+                          correct_adv=_count(logits_adv.detach(), y))
+    return step
