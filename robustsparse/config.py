@@ -63,7 +63,7 @@ class TrainConfig:
     val_every: int = 1  # validate every N epochs (and always after the last)
     val_attack_steps: int = 10  # PGD-k on the validation split selects the best checkpoint
     checkpoint_every_steps: int = 0  # also save 'last' every N optimizer steps (0: at epoch ends only)
-    probe_every: int = 0  # record NTK and outputs on a fixed adversarial probe every N epochs (dynamics.py)
+    probe_every: int = 0  # record NTK and outputs on a fixed adversarial probe every N epochs (analysis/dynamics.py)
     ticket: typing.Optional[str] = None  # a `robustsparse prune` output folder: start from its mask and weights
     keep_epochs: list[int] = field(default_factory=list)  # also keep checkpoints/epoch-<k> after epoch k (IMP rewind)
     max_loss_factor: float = 50.0  # stop as diverged when the mean loss > this x ln(classes) (0: NaN/inf only)
@@ -115,7 +115,7 @@ class PruneConfig:
     rescale: str = "none"  # ntt/awt ticket weights: none | filter (BN-fed conv filters get their m*theta_0 norm
     #                         back) | dense (rows rescaled towards the dense kernel under batch BN); prune/rescale.py
     checkpoint_every: int = 10  # ntt/awt: save the resumable search state every N iterations (0: never)
-    # After-training pruning (`robustsparse posttrain`, robustsparse/posttrain.py). Defaults sized for digits, whose
+    # After-training pruning (`robustsparse posttrain`, robustsparse/posttrain/). Defaults sized for digits, whose
     # dense PGD-AT is 30 epochs of 19 steps. HYDRA's CIFAR recipe is 20 score + 100 fine-tune epochs after 100
     # pre-training epochs of ~390 steps. Scaled down: 10 score epochs (190 steps; measured on digits at density
     # 0.1, the mask moves ~21% away from LWM and the masked net's val robust accuracy levels off by epoch ~8) and

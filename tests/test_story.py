@@ -1,4 +1,4 @@
-"""The demo's whole story (story.py) on a tiny budget: every stage runs, the report holds every table and plot,
+"""The demo's whole story (pipelines/demo.py) on a tiny budget: every stage runs, the report holds every table and plot,
 and a second run continues from the finished stages instead of redoing them."""
 import os
 

@@ -15,7 +15,7 @@ batch-norm running statistics of initialisation, (0, 1), under which BN is the i
 ``prune.bn_stats=init``), and with each network's BN statistics on the first ``prune.bn_samples`` training images,
 the normalised network that training's batch-statistics BN sees (``prune.bn_stats=batch``). With
 ``--dynamics`` every run also records the NTK and outputs on that probe each epoch, and dynamics.png overlays each
-ticket's distance to dense over training (dynamics.py).
+ticket's distance to dense over training (analysis/dynamics.py).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
     <out>/grid/              dense PGD-AT and every at-init method (AWT included) at one density (compare.py)
     <out>/smart/             SMART, trained once (train.method=smart)
-    <out>/sweep/             SMART at every λ next to dense PGD-AT, one evaluator (ofa/sweep.py)
+    <out>/sweep/             SMART at every λ next to dense PGD-AT, one evaluator (pipelines/sweep.py)
     <out>/autoattack.json    full AutoAttack for dense, the AWT ticket and SMART at λ = 0 and λ = 1
     <out>/report.md          the tables, density_robustness.png and tradeoff.png
 

@@ -13,7 +13,7 @@ trainer) or PGD-AT (``pgd_at``). SGD (momentum ``train.momentum``, weight decay 
 the scores with LR ``prune.hydra_lr`` under ``train.schedule``, for ``prune.hydra_epochs`` epochs. Weights and
 biases are frozen; BN affine parameters train unless ``prune.freeze_bn`` (running statistics update in train mode
 either way, as in HYDRA). The stage ends with the mask of the final scores. Fine-tuning is then ordinary training
-from a ticket (the mask, W ⊙ m, and the stage's BN): see ``pipeline`` below and robustsparse/posttrain.py.
+from a ticket (the mask, W ⊙ m, and the stage's BN): see ``pipeline`` below and posttrain/pipeline.py.
 
 ``prune.scope=global`` ranks all layers together instead (our option; HYDRA is per layer). Per-layer counts are
 ``round(k · n)`` (HYDRA: ``n − int((1 − k) · n)``), with the layer-collapse guard of ``masks_from_scores``.

@@ -2,8 +2,8 @@
 
     robustsparse posttrain CONFIG [k=v ...] --method {hydra,lwm,imp} --density D --out DIR [--pretrained RUN]
 
-``hydra`` (prune/hydra.py), ``lwm`` (prune/lwm.py) and ``imp`` (prune/imp.py) are registered in
-prune/after.py. Every stage is resumable and a finished one is never recomputed, so running the same command
+``hydra`` (posttrain/hydra.py), ``lwm`` (posttrain/lwm.py) and ``imp`` (posttrain/imp.py) are registered in
+posttrain/after.py. Every stage is resumable and a finished one is never recomputed, so running the same command
 again (or ``--resume --out DIR``) continues where it stopped. A different request in the same folder is refused.
 
     <out>/posttrain.yaml   the request: method, densities, evaluation suite, config, and the pre-trained run
