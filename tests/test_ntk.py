@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from robustsparse import ntk
+from robustsparse.analysis import ntk
 from robustsparse.errors import UserError
 from robustsparse.models import build_model
 from robustsparse.analysis.ntk import empirical_ntk, estimate_ntk_memory_mb, ntk_distance
