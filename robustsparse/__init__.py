@@ -6,8 +6,7 @@
     result = rs.evaluate(model, x, y, suite="clean,pgd-20,autoattack", eps=0.1)
     print(result.table())
 """
-__version__ = "0.1.0"
-
+from ._version import __version__  # noqa: E402  (one place: _version.py, read by pyproject too)
 from .api import load, load_meta  # noqa: E402
 from .attacks import FGSM, PGD, Attack, TradesKL, attack_mode  # noqa: E402
 from .config import RunConfig, load_config  # noqa: E402
@@ -17,7 +16,7 @@ from .eval import EvalResult, evaluate, evaluate_external  # noqa: E402
 from .models import build_model, list_models  # noqa: E402
 from .train import train  # noqa: E402
 from .posttrain import PosttrainResult, posttrain  # noqa: E402
-from .ofa.sweep import sweep  # noqa: E402
+from .pipelines.sweep import sweep  # noqa: E402
 
 __all__ = ["load", "load_meta", "load_dataset", "list_datasets", "build_model", "list_models", "evaluate",
            "evaluate_external",

@@ -1,13 +1,22 @@
-"""The public API behind ``import robustsparse as rs``: load models and data, train, evaluate."""
+"""The public API behind ``import robustsparse as rs``: load a trained model, and evaluate a run on its own data
+with its own threat model (``evaluate_run``; ``eval_stage`` caches that in the run folder, resumably)."""
 from __future__ import annotations
 
+import json
 import os
 
 import torch
 from torch import nn
 
+from .config import config_from_dict
+from .data import load_split
 from .errors import UserError
-from .runs.checkpoint import find_checkpoint, load_checkpoint
+from .eval import evaluate
+from .ofa import at_lambda, ofa_method_of
+from .runs.atomic import write_json_atomic
+from .runs.checkpoint import find_checkpoint, load_checkpoint, read_meta
+from .sparse import load_model_state
+from .train.spec import build_from_spec
 
 
 def load(path: str, which: str = "best", device: str | torch.device = "cpu", lam: float | None = None,
@@ -26,14 +35,10 @@ def load(path: str, which: str = "best", device: str | torch.device = "cpu", lam
         raise UserError(f"which must be 'best' or 'last', got {which!r}")
     if not os.path.exists(path):
         raise UserError(f"{path} does not exist (expected a run folder or a checkpoint file)")
-    from .train.trainer import build_from_spec
-
     tensors, meta = load_checkpoint(find_checkpoint(path, prefer=which))
     model = build_from_spec(meta["model_spec"])
-    from .prune.ticket import load_model_state
     load_model_state(model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")},
                      source=f"checkpoint {path} ({meta['model_spec']['name']})")
-    from .ofa import at_lambda, ofa_method_of
     method = ofa_method_of(model)
     if method is None:
         if lam is not None or mix is not None:
@@ -47,5 +52,44 @@ def load(path: str, which: str = "best", device: str | torch.device = "cpu", lam
 
 def load_meta(path: str, which: str = "best") -> dict:
     """The JSON metadata of a run's or checkpoint's weights (config, model spec, epoch, best metric)."""
-    from .runs.checkpoint import read_meta
     return read_meta(find_checkpoint(path, prefer=which))
+
+
+def evaluate_run(path, suite=None, eps=None, norm=None, split=None, n=None, which="best", data_root=None,
+                 batch_size=None, seed=0, state=None, progress=True, lam=None, mix=None):
+    """Evaluate a run/checkpoint on its own dataset with the run's threat model unless overridden: (EvalResult, its
+    config). What ``robustsparse eval`` runs."""
+    meta = load_meta(path, which)
+    cfg = config_from_dict(meta["config"])
+    if data_root is not None:
+        cfg.data.root = data_root
+    model = load(path, which=which, device=_eval_device(), lam=lam, mix=mix)
+    x, y = load_split(cfg, cfg.eval.split if split is None else split)
+    if n is not None:
+        if n < 1:
+            raise UserError(f"--n must be >= 1, got {n}")
+        x, y = x[:n], y[:n]
+    if eps is None:
+        eps = cfg.eval.eps if cfg.eval.eps is not None else cfg.attack.eps
+    return evaluate(model, x, y, suite=cfg.eval.suite if suite is None else suite, eps=eps,
+                    norm=norm or cfg.attack.norm, num_classes=meta["model_spec"]["num_classes"],
+                    batch_size=batch_size or cfg.eval.batch_size, seed=seed, state_path=state,
+                    progress=progress), cfg
+
+
+def _eval_device():
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def eval_stage(run_dir: str, suite: str, name: str = "eval", progress: bool = True) -> dict:
+    """Evaluate a run's best checkpoint with ``suite`` into ``<run>/<name>.json`` (resumable via
+    ``<name>-state.json``); a finished evaluation is read back, not recomputed."""
+    path = os.path.join(run_dir, f"{name}.json")
+    if os.path.exists(path):
+        with open(path) as fh:
+            return json.load(fh)
+    result, _ = evaluate_run(run_dir, suite=suite, state=os.path.join(run_dir, f"{name}-state.json"),
+                             progress=progress)
+    data = result.to_dict()
+    write_json_atomic(path, data, sort_keys=False)
+    return data

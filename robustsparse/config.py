@@ -63,7 +63,7 @@ class TrainConfig:
     val_every: int = 1  # validate every N epochs (and always after the last)
     val_attack_steps: int = 10  # PGD-k on the validation split selects the best checkpoint
     checkpoint_every_steps: int = 0  # also save 'last' every N optimizer steps (0: at epoch ends only)
-    probe_every: int = 0  # record NTK and outputs on a fixed adversarial probe every N epochs (dynamics.py)
+    probe_every: int = 0  # record NTK and outputs on a fixed adversarial probe every N epochs (analysis/dynamics.py)
     ticket: typing.Optional[str] = None  # a `robustsparse prune` output folder: start from its mask and weights
     keep_epochs: list[int] = field(default_factory=list)  # also keep checkpoints/epoch-<k> after epoch k (IMP rewind)
     max_loss_factor: float = 50.0  # stop as diverged when the mean loss > this x ln(classes) (0: NaN/inf only)
@@ -115,7 +115,7 @@ class PruneConfig:
     rescale: str = "none"  # ntt/awt ticket weights: none | filter (BN-fed conv filters get their m*theta_0 norm
     #                         back) | dense (rows rescaled towards the dense kernel under batch BN); prune/rescale.py
     checkpoint_every: int = 10  # ntt/awt: save the resumable search state every N iterations (0: never)
-    # After-training pruning (`robustsparse posttrain`, robustsparse/posttrain.py). Defaults sized for digits, whose
+    # After-training pruning (`robustsparse posttrain`, robustsparse/posttrain/). Defaults sized for digits, whose
     # dense PGD-AT is 30 epochs of 19 steps. HYDRA's CIFAR recipe is 20 score + 100 fine-tune epochs after 100
     # pre-training epochs of ~390 steps. Scaled down: 10 score epochs (190 steps; measured on digits at density
     # 0.1, the mask moves ~21% away from LWM and the masked net's val robust accuracy levels off by epoch ~8) and
@@ -177,107 +177,130 @@ class RunConfig:
         return a.alpha if a.alpha is not None else 2.5 * a.eps / a.steps
 
     def validate(self) -> "RunConfig":
-        a, t, e, d = self.attack, self.train, self.eval, self.data
-        _choice("train.method", t.method, ("standard", "pgd_at", "trades", "fgsm_at", "oat", "float", "smart"))
-        _choice("train.on_overfit", t.on_overfit, ("warn", "stop"))
-        _range("train.overfit_drop", t.overfit_drop, lo=0.0, lo_open=True, hi=1.0)
-        _range("train.max_loss_factor", t.max_loss_factor, lo=0.0)
-        _choice("train.schedule", t.schedule, ("cosine", "onecycle", "multistep", "constant"))
-        _choice("attack.norm", a.norm, ("Linf", "L2"))
-        _choice("eval.split", e.split, ("train", "val", "test", "trainval"))
-        if t.method == "trades" and a.norm != "Linf":
-            raise UserError("train.method=trades uses an L∞ KL attack; set attack.norm=Linf")
-        if t.method == "fgsm_at" and a.norm != "Linf":
-            raise UserError("train.method=fgsm_at is FGSM, an L∞ attack; set attack.norm=Linf")
-        _range("attack.eps", a.eps, lo=0.0, lo_open=True, hi=None if a.norm == "L2" else 1.0)
-        _range("attack.steps", a.steps, lo=1)
-        if a.alpha is not None:
-            _range("attack.alpha", a.alpha, lo=0.0, lo_open=True)
-        _range("train.epochs", t.epochs, lo=1)
-        _range("train.batch_size", t.batch_size, lo=2)
-        _range("train.lr", t.lr, lo=0.0, lo_open=True)
-        _range("train.momentum", t.momentum, lo=0.0, hi=1.0, hi_open=True)
-        _range("train.weight_decay", t.weight_decay, lo=0.0)
-        _range("train.trades_beta", t.trades_beta, lo=0.0)
-        _range("train.warmup_epochs", t.warmup_epochs, lo=0.0, hi=float(t.epochs))
-        _range("train.val_every", t.val_every, lo=1)
-        _range("train.val_attack_steps", t.val_attack_steps, lo=1)
-        _range("train.checkpoint_every_steps", t.checkpoint_every_steps, lo=0)
-        _range("train.probe_every", t.probe_every, lo=0)
-        for k in t.keep_epochs:
-            _range("train.keep_epochs[]", k, lo=1, hi=t.epochs)
-        for m in t.milestones:
-            _range("train.milestones[]", m, lo=0.0, hi=1.0)
-        _range("data.crop_padding", d.crop_padding, lo=0)
-        if d.val_size is not None:
-            _range("data.val_size", d.val_size, lo=0)
-        if e.eps is not None:
-            _range("eval.eps", e.eps, lo=0.0, lo_open=True)
-        if e.n is not None:
-            _range("eval.n", e.n, lo=1)
-        _range("eval.batch_size", e.batch_size, lo=1)
-        if (self.model.mean is None) != (self.model.std is None):
-            raise UserError("model.mean and model.std must be given together (or neither)")
-        if t.device != "auto" and not (t.device == "cpu" or t.device.startswith("cuda")):
-            raise UserError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
-        _choice("train.amp", t.amp, ("auto", "bf16", "fp16", "fp32"))
-        p = self.prune
-        _choice("prune.method", p.method, ("random", "magnitude", "snip", "grasp", "synflow", "ntt", "awt",
-                                           "hydra", "lwm", "imp"))
-        _range("prune.density", p.density, lo=0.0, lo_open=True, hi=1.0)
-        if p.scope is not None:
-            _choice("prune.scope", p.scope, ("global", "layer"))
-        _range("prune.min_layer_density", p.min_layer_density, lo=0.0, hi=p.density)
-        from .sparse.structured import parse_structure
-        try:
-            kind, n_keep, m_group = parse_structure(p.structure)
-        except UserError as exc:
-            raise UserError(f"prune.{exc}") from None
-        if kind != "unstructured" and p.method in ("hydra", "lwm", "imp"):
-            raise UserError(f"prune.structure={p.structure} is honoured by the at-init pruners only (random, "
-                            f"magnitude, snip, grasp, synflow, ntt, awt), not by prune.method={p.method}")
-        if kind == "nm" and abs(p.density - n_keep / m_group) > 1e-9:
-            raise UserError(f"prune.structure={p.structure} keeps exactly {n_keep}/{m_group} of the weights; set "
-                            f"prune.density={n_keep / m_group:g}")
-        if p.samples is not None:
-            _range("prune.samples", p.samples, lo=1)
-        _range("prune.synflow_rounds", p.synflow_rounds, lo=1)
-        _range("prune.search_iters", p.search_iters, lo=0)
-        _range("prune.search_batch", p.search_batch, lo=2)
-        _range("prune.search_lr", p.search_lr, lo=0.0)
-        for key in ("ntk_weight", "output_weight", "l2_weight"):
-            _range(f"prune.{key}", getattr(p, key), lo=0.0)
-        _range("prune.mask_update_every", p.mask_update_every, lo=1)
-        _choice("prune.points", p.points, ("adversarial", "clean", "both"))
-        _choice("prune.attack_target", p.attack_target, ("dense", "student"))
-        _choice("prune.bn_stats", p.bn_stats, ("init", "batch"))
-        _range("prune.bn_samples", p.bn_samples, lo=2)  # batch statistics need two images
-        _choice("prune.rescale", p.rescale, ("none", "filter", "dense"))
-        _choice("prune.mode", p.mode, ("weights", "mask_only"))
-        _choice("prune.ntk_mode", p.ntk_mode, ("full", "trace", "projected"))
-        if p.init_method is not None:
-            _choice("prune.init_method", p.init_method, ("random", "magnitude", "snip", "grasp", "synflow"))
-        _choice("prune.allocation", p.allocation, ("fixed", "rescope"))
-        _choice("prune.ticket_weights", p.ticket_weights, ("searched", "init"))
-        _range("prune.checkpoint_every", p.checkpoint_every, lo=0)
-        _range("prune.hydra_epochs", p.hydra_epochs, lo=1)
-        _range("prune.hydra_lr", p.hydra_lr, lo=0.0, lo_open=True)
-        _range("prune.hydra_weight_decay", p.hydra_weight_decay, lo=0.0)
-        _choice("prune.hydra_objective", p.hydra_objective, ("trades", "pgd_at"))
-        if p.method == "hydra" and p.hydra_objective == "trades" and a.norm != "Linf":
-            raise UserError("prune.hydra_objective=trades uses an L∞ KL attack; set attack.norm=Linf or "
-                            "prune.hydra_objective=pgd_at")
-        _range("prune.finetune_epochs", p.finetune_epochs, lo=1)
-        _range("prune.finetune_lr", p.finetune_lr, lo=0.0, lo_open=True)
-        _range("prune.imp_rate", p.imp_rate, lo=0.0, lo_open=True, hi=1.0, hi_open=True)
-        _range("prune.imp_rewind_epoch", p.imp_rewind_epoch, lo=0)  # < the dense run's epochs: posttrain checks
-        if p.imp_epochs is not None:
-            _range("prune.imp_epochs", p.imp_epochs, lo=1)
+        """Check every section (one function each, in this order: the first problem found is the one reported)."""
+        _validate_training(self)
+        _validate_data_and_eval(self)
+        _validate_prune_at_init(self)
+        _validate_prune_after_training(self)
         from .eval.evaluator import parse_suite
-        parse_suite(e.suite)
-        parse_suite(p.imp_eval_suite)
+        parse_suite(self.eval.suite)
+        parse_suite(self.prune.imp_eval_suite)
         _validate_ofa(self)
         return self
+
+
+def _validate_training(cfg: RunConfig) -> None:
+    """train.* and attack.*: choices, ranges and the attacks each method needs."""
+    a, t, e = cfg.attack, cfg.train, cfg.eval
+    _choice("train.method", t.method, ("standard", "pgd_at", "trades", "fgsm_at", "oat", "float", "smart"))
+    _choice("train.on_overfit", t.on_overfit, ("warn", "stop"))
+    _range("train.overfit_drop", t.overfit_drop, lo=0.0, lo_open=True, hi=1.0)
+    _range("train.max_loss_factor", t.max_loss_factor, lo=0.0)
+    _choice("train.schedule", t.schedule, ("cosine", "onecycle", "multistep", "constant"))
+    _choice("attack.norm", a.norm, ("Linf", "L2"))
+    _choice("eval.split", e.split, ("train", "val", "test", "trainval"))
+    if t.method == "trades" and a.norm != "Linf":
+        raise UserError("train.method=trades uses an L∞ KL attack; set attack.norm=Linf")
+    if t.method == "fgsm_at" and a.norm != "Linf":
+        raise UserError("train.method=fgsm_at is FGSM, an L∞ attack; set attack.norm=Linf")
+    _range("attack.eps", a.eps, lo=0.0, lo_open=True, hi=None if a.norm == "L2" else 1.0)
+    _range("attack.steps", a.steps, lo=1)
+    if a.alpha is not None:
+        _range("attack.alpha", a.alpha, lo=0.0, lo_open=True)
+    _range("train.epochs", t.epochs, lo=1)
+    _range("train.batch_size", t.batch_size, lo=2)
+    _range("train.lr", t.lr, lo=0.0, lo_open=True)
+    _range("train.momentum", t.momentum, lo=0.0, hi=1.0, hi_open=True)
+    _range("train.weight_decay", t.weight_decay, lo=0.0)
+    _range("train.trades_beta", t.trades_beta, lo=0.0)
+    _range("train.warmup_epochs", t.warmup_epochs, lo=0.0, hi=float(t.epochs))
+    _range("train.val_every", t.val_every, lo=1)
+    _range("train.val_attack_steps", t.val_attack_steps, lo=1)
+    _range("train.checkpoint_every_steps", t.checkpoint_every_steps, lo=0)
+    _range("train.probe_every", t.probe_every, lo=0)
+    for k in t.keep_epochs:
+        _range("train.keep_epochs[]", k, lo=1, hi=t.epochs)
+    for m in t.milestones:
+        _range("train.milestones[]", m, lo=0.0, hi=1.0)
+
+
+def _validate_data_and_eval(cfg: RunConfig) -> None:
+    """data.*, eval.*, model.mean/std, train.device and train.amp."""
+    t, e, d = cfg.train, cfg.eval, cfg.data
+    _range("data.crop_padding", d.crop_padding, lo=0)
+    if d.val_size is not None:
+        _range("data.val_size", d.val_size, lo=0)
+    if e.eps is not None:
+        _range("eval.eps", e.eps, lo=0.0, lo_open=True)
+    if e.n is not None:
+        _range("eval.n", e.n, lo=1)
+    _range("eval.batch_size", e.batch_size, lo=1)
+    if (cfg.model.mean is None) != (cfg.model.std is None):
+        raise UserError("model.mean and model.std must be given together (or neither)")
+    if t.device != "auto" and not (t.device == "cpu" or t.device.startswith("cuda")):
+        raise UserError(f"train.device must be auto, cpu, cuda or cuda:N, got {t.device!r}")
+    _choice("train.amp", t.amp, ("auto", "bf16", "fp16", "fp32"))
+
+
+def _validate_prune_at_init(cfg: RunConfig) -> None:
+    """prune.*: the method, density and structure, and the at-init scorers and search."""
+    p = cfg.prune
+    _choice("prune.method", p.method, ("random", "magnitude", "snip", "grasp", "synflow", "ntt", "awt",
+                                       "hydra", "lwm", "imp"))
+    _range("prune.density", p.density, lo=0.0, lo_open=True, hi=1.0)
+    if p.scope is not None:
+        _choice("prune.scope", p.scope, ("global", "layer"))
+    _range("prune.min_layer_density", p.min_layer_density, lo=0.0, hi=p.density)
+    from .sparse.structured import parse_structure
+    try:
+        kind, n_keep, m_group = parse_structure(p.structure)
+    except UserError as exc:
+        raise UserError(f"prune.{exc}") from None
+    if kind != "unstructured" and p.method in ("hydra", "lwm", "imp"):
+        raise UserError(f"prune.structure={p.structure} is honoured by the at-init pruners only (random, "
+                        f"magnitude, snip, grasp, synflow, ntt, awt), not by prune.method={p.method}")
+    if kind == "nm" and abs(p.density - n_keep / m_group) > 1e-9:
+        raise UserError(f"prune.structure={p.structure} keeps exactly {n_keep}/{m_group} of the weights; set "
+                        f"prune.density={n_keep / m_group:g}")
+    if p.samples is not None:
+        _range("prune.samples", p.samples, lo=1)
+    _range("prune.synflow_rounds", p.synflow_rounds, lo=1)
+    _range("prune.search_iters", p.search_iters, lo=0)
+    _range("prune.search_batch", p.search_batch, lo=2)
+    _range("prune.search_lr", p.search_lr, lo=0.0)
+    for key in ("ntk_weight", "output_weight", "l2_weight"):
+        _range(f"prune.{key}", getattr(p, key), lo=0.0)
+    _range("prune.mask_update_every", p.mask_update_every, lo=1)
+    _choice("prune.points", p.points, ("adversarial", "clean", "both"))
+    _choice("prune.attack_target", p.attack_target, ("dense", "student"))
+    _choice("prune.bn_stats", p.bn_stats, ("init", "batch"))
+    _range("prune.bn_samples", p.bn_samples, lo=2)  # batch statistics need two images
+    _choice("prune.rescale", p.rescale, ("none", "filter", "dense"))
+    _choice("prune.mode", p.mode, ("weights", "mask_only"))
+    _choice("prune.ntk_mode", p.ntk_mode, ("full", "trace", "projected"))
+    if p.init_method is not None:
+        _choice("prune.init_method", p.init_method, ("random", "magnitude", "snip", "grasp", "synflow"))
+    _choice("prune.allocation", p.allocation, ("fixed", "rescope"))
+    _choice("prune.ticket_weights", p.ticket_weights, ("searched", "init"))
+    _range("prune.checkpoint_every", p.checkpoint_every, lo=0)
+
+
+def _validate_prune_after_training(cfg: RunConfig) -> None:
+    """prune.*: HYDRA, the fine-tune and IMP."""
+    a, p = cfg.attack, cfg.prune
+    _range("prune.hydra_epochs", p.hydra_epochs, lo=1)
+    _range("prune.hydra_lr", p.hydra_lr, lo=0.0, lo_open=True)
+    _range("prune.hydra_weight_decay", p.hydra_weight_decay, lo=0.0)
+    _choice("prune.hydra_objective", p.hydra_objective, ("trades", "pgd_at"))
+    if p.method == "hydra" and p.hydra_objective == "trades" and a.norm != "Linf":
+        raise UserError("prune.hydra_objective=trades uses an L∞ KL attack; set attack.norm=Linf or "
+                        "prune.hydra_objective=pgd_at")
+    _range("prune.finetune_epochs", p.finetune_epochs, lo=1)
+    _range("prune.finetune_lr", p.finetune_lr, lo=0.0, lo_open=True)
+    _range("prune.imp_rate", p.imp_rate, lo=0.0, lo_open=True, hi=1.0, hi_open=True)
+    _range("prune.imp_rewind_epoch", p.imp_rewind_epoch, lo=0)  # < the dense run's epochs: posttrain checks
+    if p.imp_epochs is not None:
+        _range("prune.imp_epochs", p.imp_epochs, lo=1)
 
 
 # PyYAML raises these beside YAMLError for malformed explicit tags (e.g. "!!int x", "!!timestamp x")
@@ -460,3 +483,17 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
 
 def config_from_dict(data: dict) -> RunConfig:
     return _build(RunConfig, data).validate()
+
+
+def parse_model_options(items) -> dict:
+    """``--model-option KEY=VALUE`` items (values parsed as YAML) -> build_model options."""
+    options = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--model-option {item!r} must look like KEY=VALUE (e.g. width=64)")
+        key, raw = item.split("=", 1)
+        try:
+            options[key.strip()] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise UserError(f"--model-option {item!r}: the value is not valid YAML") from exc
+    return options

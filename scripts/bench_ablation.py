@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 import robustsparse as rs
-from robustsparse.bench import (EPS, LR, MOMENTUM, WEIGHT_DECAY, OurLoop, PlainLoop, cpu_name, parse_input_shape,
-                                parse_model_options, thread_info, time_loops)
+from robustsparse.config import parse_model_options
+from robustsparse.pipelines.bench import (EPS, LR, MOMENTUM, WEIGHT_DECAY, OurLoop, PlainLoop, cpu_name,
+                                          parse_input_shape, thread_info, time_loops)
 from robustsparse.train.engine import Engine
 from robustsparse.train.skilled_loop import SkilledLoop
 

@@ -15,7 +15,7 @@ import torch
 import torchattacks
 
 import robustsparse as rs
-from robustsparse.cli import run_eval
+from robustsparse.api import evaluate_run
 
 
 def independent(model, x, y, eps, num_classes, batch=500):
@@ -52,10 +52,10 @@ def main():
     p.add_argument("--eps", type=float, default=None)
     args = p.parse_args()
     t0 = time.perf_counter()
-    ours, cfg = run_eval(args.path, suite="clean,pgd-20,autoattack", eps=args.eps, n=args.n, progress=False)
+    ours, cfg = evaluate_run(args.path, suite="clean,pgd-20,autoattack", eps=args.eps, n=args.n, progress=False)
     t1 = time.perf_counter()
     meta = rs.load_meta(args.path)
-    from robustsparse.train.trainer import load_split
+    from robustsparse.data import load_split
     x, y = load_split(cfg, cfg.eval.split)
     if args.n:
         x, y = x[:args.n], y[:args.n]

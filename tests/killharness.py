@@ -32,10 +32,10 @@ from typing import Callable
 COUNTS = {"kills": 0, "cases": 0, "compared": 0, "seconds": 0.0, "cpu": 0.0, "names": []}
 
 # Imported once in the forkserver so that no run pays for them; a module missing here only costs CPU time.
-_PRELOAD = ["torch", "robustsparse", "robustsparse.cli", "robustsparse.train.trainer", "robustsparse.prune.scored",
-            "robustsparse.prune.ticket", "robustsparse.prune.awt", "robustsparse.eval.evaluator",
-            "robustsparse.report", "robustsparse.data.digits", "robustsparse.posttrain", "robustsparse.ofa",
-            "robustsparse.cli_posttrain", "robustsparse.cli_bench", "robustsparse.cli_export", "robustsparse.cli_sweep",
+_PRELOAD = ["torch", "robustsparse", "robustsparse.cli.main", "robustsparse.train.trainer", "robustsparse.prune.oneshot",
+            "robustsparse.pipelines.ticket", "robustsparse.prune.awt", "robustsparse.eval.evaluator",
+            "robustsparse.runs.plots", "robustsparse.data.digits", "robustsparse.posttrain", "robustsparse.ofa",
+            "robustsparse.cli.posttrain", "robustsparse.cli.bench", "robustsparse.cli.export", "robustsparse.cli.sweep",
             "robustsparse.export", "torch._dynamo", "sklearn.datasets", "sympy", "scipy.io", "torchattacks",
             "torch.utils.tensorboard", "matplotlib.pyplot"]
 _context = None

@@ -37,7 +37,7 @@ FAST = ["model.options={width: 8}", "attack.steps=1", "train.val_attack_steps=1"
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A tiny finished run, a ticket for its architecture and one for another (read-only: cases copy them)."""
-    from robustsparse.prune.ticket import prune_to_folder
+    from robustsparse.pipelines.ticket import prune_to_folder
     from robustsparse.train import train
     root = tmp_path_factory.mktemp("bad_inputs")
     cfg = load_config("digits_pgdat", FAST)

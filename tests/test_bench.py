@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import robustsparse as rs
-from robustsparse.bench import EPS, LR, MOMENTUM, WEIGHT_DECAY, bench_config, plain_step
+from robustsparse.pipelines.bench import EPS, LR, MOMENTUM, WEIGHT_DECAY, bench_config, plain_step
 from robustsparse.cli import main
 from robustsparse.sparse import sparsity_report
 from robustsparse.train.engine import Engine

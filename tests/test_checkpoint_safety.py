@@ -98,8 +98,8 @@ def test_a_checkpoint_write_that_dies_keeps_the_previous_checkpoint(tmp_path, mo
 # Modules whose files are read back (on resume, by a rerun, by `rs.load`): every write must go through
 # runs/atomic.py (temp file, fsync, rename) or the checkpoint writer. Appending to a log whose reader drops a cut
 # last line (metrics.jsonl) is the one other accepted way.
-READ_BACK = ["runs", "train", "eval", "prune/ticket.py", "stages.py", "compare.py", "posttrain.py", "cli.py",
-             "report.py", "dynamics.py", "sparse/mask.py"]
+READ_BACK = ["runs", "train", "eval", "pipelines", "posttrain", "cli", "analysis/dynamics.py",
+             "sparse/mask.py"]
 
 
 def _raw_writes(path) -> list[str]:
@@ -126,6 +126,8 @@ def test_files_that_are_read_back_are_written_atomically(tmp_path):
                      "open(p, 'a')\nopen(p, 'rb+')\ns.replace('a', 'b')\n")
     assert len(_raw_writes(probe)) == 3  # the scan sees what it is meant to see
     root = pathlib.Path(rs.__file__).parent
+    missing = [entry for entry in READ_BACK if not (root / entry).exists()]
+    assert not missing, f"READ_BACK names paths that do not exist (moved?): {missing}"
     files = [p for entry in READ_BACK for p in ((root / entry).rglob("*.py") if (root / entry).is_dir()
                                                  else [root / entry])]
     assert len(files) > 15

@@ -153,7 +153,7 @@ def test_trainer_runs_with_engine_options(tmp_path):
 
 
 def test_cli_thread_cap(monkeypatch):
-    from robustsparse import threads
+    from robustsparse.utils import threads
     assert 1 <= threads.usable_cpus() <= (os.cpu_count() or 1)
     before = torch.get_num_threads()
     try:

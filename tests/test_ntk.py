@@ -1,4 +1,4 @@
-"""The empirical NTK (robustsparse.ntk): against explicit J·Jᵀ, chunked == unchunked, double backward, ResNet-18.
+"""The empirical NTK (robustsparse.analysis.ntk): against explicit J·Jᵀ, chunked == unchunked, double backward, ResNet-18.
 
 Tolerances: float32 kernels are compared with float64 references built from plain per-row ``torch.autograd.grad``
 Jacobians at rtol 1e-5 / atol 1e-6 (``torch.testing.assert_close``); float64 kernels at rtol 1e-10 / atol 1e-12.
@@ -16,10 +16,10 @@ import pytest
 import torch
 from torch import nn
 
-from robustsparse import ntk
+from robustsparse.analysis import ntk
 from robustsparse.errors import UserError
 from robustsparse.models import build_model
-from robustsparse.ntk import empirical_ntk, estimate_ntk_memory_mb, ntk_distance
+from robustsparse.analysis.ntk import empirical_ntk, estimate_ntk_memory_mb, ntk_distance
 
 F32 = dict(rtol=1e-5, atol=1e-6)
 F64 = dict(rtol=1e-10, atol=1e-12)

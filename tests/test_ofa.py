@@ -39,7 +39,7 @@ def smart_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ofa") / "smart")
     cfg = tiny_cfg("smart", "ofa.overlap=nested", "ofa.density_clean=0.3", "ofa.density_adv=0.6")
     torch.manual_seed(cfg.train.seed)
-    from robustsparse.train.trainer import build_from_spec, model_spec
+    from robustsparse.train.spec import build_from_spec, model_spec
     initial = build_from_spec(model_spec(cfg))
     rs.train(cfg, out, progress=False)
     return out, initial
@@ -183,7 +183,7 @@ def test_load_needs_lam_for_conditional_models_only(smart_run, tmp_path):
     with pytest.raises(rs.UserError, match="switch, weight, logit"):
         rs.load(out, lam=0.5, mix="average")
     from robustsparse.runs.checkpoint import save_checkpoint
-    from robustsparse.train.trainer import build_from_spec, model_spec
+    from robustsparse.train.spec import build_from_spec, model_spec
     dense = tiny_cfg("standard")
     spec = model_spec(dense)
     state = {f"model.{k}": v for k, v in build_from_spec(spec).state_dict().items()}
@@ -201,7 +201,7 @@ def test_a_few_training_steps_lower_the_loss(method, digits_test):
     cfg = tiny_cfg(method)
     x, y = digits_test[0][:64], digits_test[1][:64]
     torch.manual_seed(0)
-    from robustsparse.train.trainer import build_from_spec, model_spec
+    from robustsparse.train.spec import build_from_spec, model_spec
     model = build_from_spec(model_spec(cfg)).train()
     step = build_objective(model, cfg)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -255,7 +255,7 @@ def test_sweep_writes_json_markdown_png_and_resumes(smart_run, tmp_path, monkeyp
 def test_awt_masks_are_found_at_the_first_step(digits_test):
     cfg = tiny_cfg("smart", "ofa.mask_source=awt", "ofa.overlap=complementary", "ofa.density_clean=0.3",
                    "ofa.density_adv=0.4", "prune.search_iters=1", "prune.search_batch=8")
-    from robustsparse.train.trainer import build_from_spec, model_spec
+    from robustsparse.train.spec import build_from_spec, model_spec
     torch.manual_seed(0)
     model = build_from_spec(model_spec(cfg)).train()
     assert int(model.smart_masks_ready) == 0

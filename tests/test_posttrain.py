@@ -17,9 +17,9 @@ import robustsparse as rs
 from robustsparse.cli import main
 from robustsparse.config import load_config
 from robustsparse.posttrain import posttrain
-from robustsparse.prune.hydra import ScoredNetwork, freeze_for_scoring, scaled_scores, score_stage
-from robustsparse.prune.imp import imp_schedule, next_mask
-from robustsparse.prune.ticket import load_ticket
+from robustsparse.posttrain.hydra import ScoredNetwork, freeze_for_scoring, scaled_scores, score_stage
+from robustsparse.posttrain.imp import imp_schedule, next_mask
+from robustsparse.sparse.ticket import load_ticket
 from robustsparse.runs.checkpoint import load_checkpoint
 from robustsparse.sparse import Mask, masks_from_scores, prunable_parameters
 from robustsparse.train import train
@@ -244,7 +244,7 @@ def test_a_start_killed_while_writing_its_first_file_can_be_started_again(tmp_pa
     run.mkdir()
     (run / "config.yaml.tmp").write_text("data: {na")
     assert main(["train", "digits_pgdat", *TINY, "train.epochs=1", "--out", str(run), "--no-progress"]) == 0
-    from robustsparse.stages import is_finished
+    from robustsparse.train.stages import is_finished
     assert is_finished(str(run))
     assert not (run / "config.yaml.tmp").exists()
     taken = tmp_path / "taken"
@@ -257,7 +257,7 @@ def test_a_start_killed_while_writing_its_first_file_can_be_started_again(tmp_pa
 
 
 def test_compare_puts_after_training_methods_in_the_grid_with_total_cost(tmp_path, pretrained):
-    from robustsparse.compare import run_compare
+    from robustsparse.pipelines.compare import run_compare
     out = tmp_path / "grid"
     shutil.copytree(pretrained, out / "dense")  # the grid's dense cell, already trained: it must not be retrained
     cfg = load_config("digits_pgdat", TINY + ["prune.imp_rate=0.5"])

@@ -9,7 +9,8 @@ import robustsparse as rs
 from robustsparse.cli import main
 from robustsparse.config import load_config
 from robustsparse.errors import UserError
-from robustsparse.prune.ticket import load_ticket, prune_to_folder
+from robustsparse.pipelines.ticket import prune_to_folder
+from robustsparse.sparse.ticket import load_ticket
 from robustsparse.sparse import get_mask, prunable_parameters
 from robustsparse.train import train
 
@@ -74,7 +75,7 @@ def test_awt_search_variants_run_and_keep_exact_density(tmp_path, overrides):
 
 
 def test_calibrate_bn_sets_each_layer_to_its_batch_statistics_and_leaves_eval_mode():
-    from robustsparse.prune.search import calibrate_bn
+    from robustsparse.models.bn import calibrate_bn
     torch.manual_seed(0)
     model = rs.build_model("cnn", 1, 10, (8, 8), width=8)
     x = torch.rand(32, 1, 8, 8)
@@ -94,9 +95,9 @@ def test_calibrate_bn_sets_each_layer_to_its_batch_statistics_and_leaves_eval_mo
 def test_a_batch_statistics_search_brings_the_ticket_closer_to_dense_under_batch_statistics(tmp_path):
     """What bn_stats=batch is for: the kernel that training's batch-statistics BN sees gets closer to dense."""
     import copy
-    from robustsparse.ntk import empirical_ntk, ntk_distance
-    from robustsparse.prune.search import calibrate_bn
-    from robustsparse.prune.ticket import load_model_state
+    from robustsparse.analysis.ntk import empirical_ntk, ntk_distance
+    from robustsparse.models.bn import calibrate_bn
+    from robustsparse.sparse import load_model_state
     base = TINY + ["prune.method=awt", "prune.density=0.1", "prune.search_iters=12", "prune.search_batch=4",
                    "prune.mask_update_every=100", "prune.bn_stats=batch", "prune.bn_samples=64"]
     searched = prune_to_folder(load_config("digits_pgdat", base), str(tmp_path / "a"), progress=False)
@@ -216,9 +217,9 @@ def test_a_dense_scale_ticket_has_a_kernel_nearer_dense_magnitude_under_batch_st
     """Masking shrinks the kernel that batch-statistics BN training sees (about 13x at density 0.1 on digits);
     rescale=dense gives much of it back. Same mask, same search."""
     import copy
-    from robustsparse.ntk import empirical_ntk
-    from robustsparse.prune.search import calibrate_bn
-    from robustsparse.prune.ticket import load_model_state
+    from robustsparse.analysis.ntk import empirical_ntk
+    from robustsparse.models.bn import calibrate_bn
+    from robustsparse.sparse import load_model_state
     base = TINY + ["prune.method=awt", "prune.density=0.1", "prune.mask_update_every=100"]
     plain = prune_to_folder(load_config("digits_pgdat", base), str(tmp_path / "p"), progress=False)
     scaled = prune_to_folder(load_config("digits_pgdat", base + ["prune.rescale=dense"]), str(tmp_path / "d"),
@@ -281,9 +282,10 @@ def _batch_bn_distance_by_hand(ticket_dir: str) -> float:
     the batch statistics of the first prune.bn_samples training images (written out here, not calibrate_bn)."""
     import copy
     from torch.func import functional_call, jacrev, vmap
-    from robustsparse.dynamics import make_probe
-    from robustsparse.prune.ticket import load_model_state
-    from robustsparse.train.trainer import build_from_spec, load_split, model_spec
+    from robustsparse.analysis.dynamics import make_probe
+    from robustsparse.sparse import load_model_state
+    from robustsparse.data import load_split
+    from robustsparse.train.spec import build_from_spec, model_spec
     cfg = load_config("digits_pgdat", TINY)
     torch.manual_seed(cfg.train.seed)
     dense = build_from_spec(model_spec(cfg)).eval()
@@ -339,7 +341,7 @@ def test_compare_grid_writes_table_and_plot_and_resumes(tmp_path, capsys):
     share = rows[2]["prune_seconds"] / rows[2]["train_seconds"]
     assert f"- awt at density 0.2: search {rows[2]['prune_seconds']:.1f} s = {share:.1%} of its adversarial" in table
     assert "- magnitude at density" not in table  # only searched tickets have a search cost line
-    from robustsparse.dynamics import dynamics_distances
+    from robustsparse.analysis.dynamics import dynamics_distances
     dyn = dynamics_distances(os.path.join(out, "awt-d0.2", "run"), os.path.join(out, "dense"))
     assert [r["epoch"] for r in dyn] == [0, 1, 2]  # initialisation and every epoch
     assert all(r["ntk_distance"] > 0 and r["output_distance"] > 0 for r in dyn)
@@ -352,7 +354,7 @@ def test_compare_grid_writes_table_and_plot_and_resumes(tmp_path, capsys):
 
 def test_the_density_plot_of_a_suite_without_attacks_shows_clean_accuracy(tmp_path):
     import matplotlib.image
-    from robustsparse.report import plot_density_robustness
+    from robustsparse.runs.plots import plot_density_robustness
     rows = [{"method": "dense", "density": 1.0, "accuracy": {"clean": 0.99}, "attacks": {"clean": "clean"}},
             {"method": "snip", "density": 0.1, "accuracy": {"clean": 0.97}, "attacks": {"clean": "clean"}},
             {"method": "snip", "density": 0.05, "accuracy": {"clean": 0.95}, "attacks": {"clean": "clean"}}]

@@ -11,7 +11,7 @@ import robustsparse  # noqa: F401  (registers the models)
 from robustsparse.errors import UserError
 from robustsparse.models.registry import build_model
 from robustsparse.prune import grasp, magnitude, random_prune, snip, synflow
-from robustsparse.prune.scores import _prunable, topk_masks
+from robustsparse.prune.scoring import _prunable, topk_masks
 
 
 def _tiny():

@@ -18,7 +18,7 @@ import pytest
 from robustsparse.config import load_config, resolve_config_path, shipped_configs
 from robustsparse.configs import description, shipped_descriptions
 from robustsparse.data import dataset_spec
-from robustsparse.prune.after import AFTER_TRAINING
+from robustsparse.posttrain.after import AFTER_TRAINING
 from robustsparse.runs.checkpoint import find_checkpoint, load_checkpoint
 
 CONFIGS = shipped_configs()

@@ -7,7 +7,7 @@ from robustsparse.errors import UserError
 from robustsparse.models import build_model, list_models
 from robustsparse.models.small_cnn import reference_param_count
 from robustsparse.prune.registry import find_ticket
-from robustsparse.prune.ticket import load_model_state
+from robustsparse.sparse.mask import load_model_state
 from robustsparse.sparse import apply_mask, prunable_parameters
 
 

@@ -1,9 +1,9 @@
-"""The demo's whole story (story.py) on a tiny budget: every stage runs, the report holds every table and plot,
+"""The demo's whole story (pipelines/demo.py) on a tiny budget: every stage runs, the report holds every table and plot,
 and a second run continues from the finished stages instead of redoing them."""
 import os
 
 from robustsparse.config import load_config
-from robustsparse.story import run_story
+from robustsparse.pipelines.demo import run_story
 
 TINY = ["train.epochs=1", "model.options={width: 8}", "attack.steps=2", "train.val_attack_steps=2",
         "train.batch_size=128", "prune.search_iters=3", "prune.search_batch=8", "eval.n=24"]

@@ -11,8 +11,6 @@ overshoots the budget can never inflate the attack's success.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -60,13 +58,6 @@ def describe_component(name: str, eps: float, norm: str, num_classes: int) -> st
     budget = {"apgd-ce": "100 steps", "apgd-t": f"100 steps, {n_targets} targets",
               "fab-t": f"100 steps, {n_targets} targets", "square": "5000 queries"}[name]
     return f"{name.upper()} ({budget}) {norm_txt} eps={eps:.4g}"
-
-
-@dataclass
-class ComponentResult:
-    name: str
-    robust_after: torch.Tensor  # bool (N,): still robust after this component (cumulative)
-    newly_fooled: int
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ Adding a dataset: write a reader module (``spec`` and ``load`` functions, see ``
 
 from . import cifar, digits, mnist, svhn, synthetic
 from .augment import augment
-from .registry import DATASETS, DatasetSpec, dataset_spec, list_datasets, load_dataset, register_dataset
+from .registry import DATASETS, DatasetSpec, dataset_spec, list_datasets, load_dataset, load_split, register_dataset
 
 register_dataset("digits", digits.spec, digits.load)
 register_dataset("synthetic", synthetic.spec, synthetic.load)
@@ -16,4 +16,5 @@ register_dataset("svhn", svhn.spec, svhn.load)
 register_dataset("mnist", mnist.spec_mnist, mnist.load_mnist)
 register_dataset("fashion_mnist", mnist.spec_fashion, mnist.load_fashion)
 
-__all__ = ["DATASETS", "DatasetSpec", "augment", "dataset_spec", "list_datasets", "load_dataset", "register_dataset"]
+__all__ = ["DATASETS", "DatasetSpec", "augment", "dataset_spec", "list_datasets", "load_dataset", "load_split",
+           "register_dataset"]

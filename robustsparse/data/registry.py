@@ -146,3 +146,9 @@ def load_dataset(
             idx = torch.from_numpy(np.flatnonzero(keep))
         x, y = x.index_select(0, idx), y.index_select(0, idx)  # index_select: ~2x faster than x[idx] on CPU
     return x.contiguous(), y.contiguous()
+
+
+def load_split(cfg, split: str):
+    """``split`` of the run's dataset as ``cfg.data`` says it (name, root, val_size, options): (x, y) on the CPU."""
+    kwargs = {} if cfg.data.val_size is None else {"val_size": cfg.data.val_size}
+    return load_dataset(cfg.data.name, split, root=cfg.data.root, **kwargs, **cfg.data.options)

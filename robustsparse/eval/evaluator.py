@@ -27,7 +27,7 @@ from ..attacks.base import attack_mode, full_precision
 from ..attacks.fgsm import FGSM
 from ..attacks.pgd import PGD
 from ..errors import UserError
-from ..progress import progress_bar
+from ..utils.progress import progress_bar
 from . import checks
 from .state import EvalState, model_digest
 

@@ -37,7 +37,7 @@ from types import SimpleNamespace
 
 import torch
 
-from ..bench import parse_model_options
+from ..config import parse_model_options
 from ..errors import UserError
 from ..runs.atomic import write_json_atomic
 from .export import compile_model, input_shape_of, parse_batches
@@ -46,7 +46,7 @@ from .lower import effective_copy
 DEFAULTS = dict(run=None, which="best", model="resnet18", model_option=None, input_shape="3x32x32", num_classes=10,
                 density=0.1, structure="unstructured", mask="magnitude", scope=None, seed=0,
                 inference_batches="1,256", repeats=7, warmup=2, threads=None, choose="time", json=None)
-# The `bench` subparser (cli_bench.py) is shared with the training benchmark; older spellings are accepted too.
+# The `bench` subparser (cli/bench.py) is shared with the training benchmark; older spellings are accepted too.
 _ALIASES = {"input_shape": ("input",), "num_classes": ("classes",), "inference_batches": ("batches",)}
 
 

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..errors import UserError
-from ..progress import progress_bar
+from ..utils.progress import progress_bar
 from . import runtime
 from .compact import emit
 from .kernels import choose_kernels
@@ -173,7 +173,7 @@ def export_model(model: torch.nn.Module, out_dir: str, *, formats=("safetensors"
         weights = f"model.{digest[:12]}.safetensors"
         os.replace(weights_tmp, os.path.join(tmp, weights))
         shutil.copyfile(runtime.__file__, os.path.join(tmp, "load_sparse.py"))
-        from .. import __version__
+        from .._version import __version__
         meta = {"format": runtime.FORMAT, "library_version": __version__, "weights": weights, "sha256": digest,
                 "program": compiled.program, "source": source or {}, **compiled.report,
                 "loader": "python -c 'from load_sparse import load; m = load(\".\")' (torch + safetensors only), "

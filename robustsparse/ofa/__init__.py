@@ -3,19 +3,17 @@
     smart.py        SMART: shared weights, a clean and an adversarial sparse expert (two masks), dual BN
     oat.py          OAT: FiLM after every BN conditioned on an encoding of λ, dual BN, λ sampled per sample
     float_noise.py  FLOAT: λ-scaled weight noise with a learnable per-layer scale, dual BN
-    base.py         the registry, `at_lambda` (the plain module for one λ), the trainer's validation hooks
+    base.py         the registry, `at_lambda` (the plain module for one λ)
     cost.py         parameters, non-zero parameters, MACs and extra element-wise ops per inference path
-    sweep.py        evaluate runs over λ with the one evaluator; trade-off plot, tables (resumable)
 
-Train with ``train.method=smart|oat|float`` (options in the ``ofa`` config section); load one λ with
-``rs.load(run, lam=0.3)``; sweep with ``rs.sweep(runs, lams, suite, out)`` or ``robustsparse sweep``.
+Train with ``train.method=smart|oat|float`` (options in the ``ofa`` config section; the objectives are in
+train/objectives/ofa.py); load one λ with ``rs.load(run, lam=0.3)``; sweep with ``rs.sweep(runs, lams, suite,
+out)`` or ``robustsparse sweep`` (pipelines/sweep.py).
 """
-from . import float_noise, oat, smart  # noqa: F401  importing a method registers it and its objective
-from .base import (OFA_METHODS, at_lambda, check_lambda, make_conditional, ofa_method_of, ofa_spec, validation_extra,
-                   validation_model)
+from . import float_noise, oat, smart  # noqa: F401  importing a method registers it
+from .base import OFA_METHODS, at_lambda, check_lambda, make_conditional, ofa_method_of, ofa_spec
 from .cost import PathCost, cost_table, path_cost
 from .smart import expert_mask_tensors, mask_iou, smart_path, split_layers
 
 __all__ = ["OFA_METHODS", "at_lambda", "check_lambda", "make_conditional", "ofa_method_of", "ofa_spec",
-           "validation_model", "validation_extra", "PathCost", "path_cost", "cost_table", "expert_mask_tensors",
-           "mask_iou", "smart_path", "split_layers"]
+           "PathCost", "path_cost", "cost_table", "expert_mask_tensors", "mask_iou", "smart_path", "split_layers"]

@@ -84,24 +84,6 @@ def at_lambda(model: nn.Module, lam: float, mix: str | None = None) -> nn.Module
     return OFA_METHODS[name].at_lambda(model, lam, mix).eval()
 
 
-def validation_model(model: nn.Module) -> nn.Module:
-    """What the trainer validates: the robust end (λ = 1) of a conditional model, else the model itself."""
-    return model if ofa_method_of(model) is None else at_lambda(model, 1.0)
-
-
-@torch.no_grad()
-def validation_extra(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500) -> dict:
-    """For a conditional model, the clean validation accuracy of its accurate end (λ = 0); else {}."""
-    if ofa_method_of(model) is None or not len(y):
-        return {}
-    from ..attacks.base import attack_mode
-    clean_end = at_lambda(model, 0.0)
-    with attack_mode(clean_end):
-        correct = sum(int((clean_end(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum())
-                      for i in range(0, len(y), batch_size))
-    return {"val_clean_acc_lam0": correct / len(y)}
-
-
 class AtLambda(nn.Module):
     """A conditional model fixed at one λ: ``forward(x)`` configures the model (via ``configure``, a context
     manager factory ``configure(model, lam, batch_size)``), runs it and restores the previous configuration."""

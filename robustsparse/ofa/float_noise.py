@@ -25,10 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attacks.pgd import PGD
 from ..models.dual_bn import bn_route, convert_to_dual_bn
-from ..train.objectives import StepOutput, register_objective
-from .base import BN_CLEAN_BELOW, AtLambda, conditioned_layers, register_ofa, replace_module, restoring, unwrap
+from .base import BN_CLEAN_BELOW, AtLambda, conditioned_layers, register_ofa, replace_module, restoring
 
 
 class _Noisy:
@@ -102,22 +100,3 @@ def at_lambda(model, lam: float, mix=None):
 
 
 register_ofa("float", convert, at_lambda)
-
-
-@register_objective("float")
-def float_objective(model, cfg):
-    inner = unwrap(model)
-    a = cfg.attack
-    attack = PGD(model, a.eps, steps=a.steps, alpha=cfg.train_alpha, norm=a.norm, random_start=a.random_start)
-
-    def step(x, y):
-        batch, half = len(x), len(x) // 2
-        with noisy(inner, 0.0, ("split", half), resample=True):
-            logits = model(x)
-        with noisy(inner, 1.0, "adv", resample=True):
-            x_adv = attack(x[half:], y[half:])
-            logits_adv = model(x_adv)
-        loss = 0.5 * F.cross_entropy(logits, y) + 0.5 * F.cross_entropy(logits_adv, y[half:], reduction="sum") / batch
-        return StepOutput(loss, correct_clean=(logits.detach().argmax(1) == y).sum(),
-                          correct_adv=(logits_adv.detach().argmax(1) == y[half:]).sum())
-    return step

@@ -17,18 +17,14 @@ Inference at λ: FiLM conditioned on e(λ); BN_c iff λ = 0.
 """
 from __future__ import annotations
 
-import math
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attacks.pgd import PGD
-from ..errors import UserError
 from ..models.dual_bn import DualBatchNorm2d, bn_route, convert_to_dual_bn
-from ..train.objectives import StepOutput, register_objective
-from .base import AtLambda, register_ofa, replace_module, restoring, unwrap
+from .base import AtLambda, register_ofa, replace_module, restoring
 
 
 class FiLM(nn.Module):
@@ -135,36 +131,3 @@ def at_lambda(model, lam: float, mix=None):
 
 
 register_ofa("oat", convert, at_lambda)
-
-
-@register_objective("oat")
-def oat_objective(model, cfg):
-    inner = unwrap(model)
-    a = cfg.attack
-    attack = PGD(model, a.eps, steps=a.steps, alpha=cfg.train_alpha, norm=a.norm, random_start=a.random_start)
-    lambdas = sorted(cfg.ofa.lambdas)
-    nonzero = torch.tensor([v for v in lambdas if v > 0])
-    if not len(nonzero):
-        raise UserError("ofa.lambdas holds only 0: OAT needs at least one λ > 0 to train the robust end")
-
-    def step(x, y):
-        batch = len(x)
-        zeros = min(batch, math.ceil(batch / len(lambdas))) if 0 in lambdas else 0
-        lam = torch.zeros(batch, device=x.device)
-        pick = torch.randint(len(nonzero), (batch - zeros,))
-        lam[zeros:] = nonzero[pick].to(x.device)
-        cond = encode(inner, lam)
-        with conditioned(inner, cond, ("split", zeros)):
-            logits = model(x)
-        per_sample = (1 - lam) * F.cross_entropy(logits, y, reduction="none")
-        correct_adv = None
-        if zeros < batch:
-            with conditioned(inner, cond[zeros:], "adv"):
-                x_adv = attack(x[zeros:], y[zeros:])
-                logits_adv = model(x_adv)
-            adv_term = lam[zeros:] * F.cross_entropy(logits_adv, y[zeros:], reduction="none")
-            per_sample = torch.cat([per_sample[:zeros], per_sample[zeros:] + adv_term])
-            correct_adv = (logits_adv.detach().argmax(1) == y[zeros:]).sum()
-        return StepOutput(per_sample.mean(), correct_clean=(logits.detach().argmax(1) == y).sum(),
-                          correct_adv=correct_adv)
-    return step

@@ -33,12 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attacks.pgd import PGD
 from ..errors import UserError
 from ..models.dual_bn import DualBatchNorm2d, bn_route, convert_to_dual_bn
 from ..sparse.mask import Mask, apply_mask, prunable_parameters, remove_mask
-from ..train.objectives import StepOutput, register_objective
-from .base import BN_CLEAN_BELOW, conditioned_layers, register_ofa, replace_module, restoring, unwrap
+from .base import BN_CLEAN_BELOW, conditioned_layers, register_ofa, replace_module, restoring
 from .smart_masks import (BASE_CLASS, _DualMask, dual_mask_copy, expert_masks, initial_scores, keep_count,
                           random_expert_masks)
 
@@ -243,26 +241,3 @@ def _collapse_dense(model) -> nn.Module:
         for n, m in dual_layers(model).items():
             m.set_masks(*saved[n])
         model.smart_masks_ready.fill_(0)
-
-
-@register_objective("smart")
-def smart_objective(model, cfg):
-    inner = unwrap(model)
-    a = cfg.attack
-    attack = PGD(model, a.eps, steps=a.steps, alpha=cfg.train_alpha, norm=a.norm, random_start=a.random_start)
-
-    def step(x, y):
-        if not int(inner.smart_masks_ready):
-            from ..train.trainer import load_split
-            x_all, y_all = (v.to(x.device) for v in load_split(cfg, "train"))
-            find_ticket_masks(inner, cfg, x_all, y_all)
-        half = len(x) // 2
-        with smart_path(inner, "adv"):
-            x_adv = attack(x[half:], y[half:])
-            logits_adv = model(x_adv)
-        with smart_path(inner, "clean"):
-            logits_clean = model(x[:half])
-        loss = 0.5 * F.cross_entropy(logits_clean, y[:half]) + 0.5 * F.cross_entropy(logits_adv, y[half:])
-        return StepOutput(loss, correct_clean=(logits_clean.detach().argmax(1) == y[:half]).sum(),
-                          correct_adv=(logits_adv.detach().argmax(1) == y[half:]).sum())
-    return step

@@ -7,7 +7,7 @@ a function ``prune(model, cfg, x, y) -> Ticket`` and one ``register_pruner`` lin
 from __future__ import annotations
 
 from .registry import PRUNERS, Ticket, find_ticket, register_pruner  # noqa: F401
-from . import scored  # noqa: F401,E402  (registers random, magnitude, snip, grasp, synflow)
+from . import oneshot  # noqa: F401,E402  (registers random, magnitude, snip, grasp, synflow)
 from . import ntt, awt  # noqa: F401,E402
 
 __all__ = ["PRUNERS", "Ticket", "find_ticket", "register_pruner"]

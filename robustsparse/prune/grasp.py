@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .scores import cloned_buffers, device_of, forward_with, masked_leaves, module_modes, require_batches
+from .scoring import cloned_buffers, device_of, forward_with, masked_leaves, module_modes, require_batches
 
 REQUIRES_DATA = True
 EPS = 1e-10

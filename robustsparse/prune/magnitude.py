@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .scores import _prunable, check_masks
+from .scoring import _prunable, check_masks
 
 REQUIRES_DATA = False
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .scores import _prunable, check_masks
+from .scoring import _prunable, check_masks
 
 REQUIRES_DATA = False
 

@@ -60,8 +60,6 @@ def find_ticket(model: nn.Module, cfg: RunConfig, x: torch.Tensor, y: torch.Tens
             if cfg.prune.method in ("hydra", "lwm", "imp") else ""
         raise UserError(f"{cfg.prune.method!r} is not a pruning-at-initialisation method{after}; known: "
                         f"{', '.join(sorted(PRUNERS))}")
-    import torch._dynamo  # noqa: F401  (the first optimizer built in a process imports it: seconds of one-time
-    #                                   library loading that a search would otherwise be billed for)
     started = time.perf_counter()
     ticket = call_pruner(cfg.prune.method, model, cfg, x, y, state_dir=state_dir, progress=progress)
     ticket.info.update(method=cfg.prune.method, density_target=cfg.prune.density, scope=scope_of(cfg),

@@ -51,12 +51,12 @@ import signal
 import time
 
 import torch
-from torch import nn
 from torch.func import functional_call, grad, vmap
 
 from ..attacks.pgd import PGD
-from ..ntk import empirical_ntk
-from ..progress import progress_bar
+from ..models.bn import calibrate_bn
+from ..analysis.ntk import empirical_ntk
+from ..utils.progress import progress_bar
 from ..runs.checkpoint import load_checkpoint, save_checkpoint
 from ..sparse import Mask, apply_mask, prunable_parameters
 from ..sparse.mask import _top
@@ -88,27 +88,6 @@ def _initial_mask(model, cfg, x, y, scope, theta0, names, progress) -> Mask:
     return call_pruner(method, model, init_cfg, x, y, progress=progress).mask
 
 
-def calibrate_bn(model, params: dict | None, x) -> None:
-    """Set every BN layer's running statistics to those of the batch ``x`` through ``model`` (with ``params`` in
-    place of its parameters, if given); the model is left in eval mode."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms:
-        return
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average: after one batch, exactly that batch's statistics
-    model.train()
-    with torch.no_grad():
-        if params is None:
-            model(x)
-        else:
-            functional_call(model, {k: v.detach() for k, v in params.items()}, (x,))
-    model.eval()
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-
-
 def _iter_seed(seed: int, it: int) -> int:
     return (seed * 1_000_003 + it * 7919 + 17) % (2 ** 63)
 
@@ -130,55 +109,125 @@ def _ntk(model, params, x1, x2, mode, v, differentiable, masks):
     return empirical_ntk(model, x1, x2, params=params, mode=mode, differentiable=differentiable, masks=masks)
 
 
+class _SearchState:
+    """Everything the search holds: teacher (dense θ₀, frozen), student, the mask, what the optimizer trains
+    (the student's weights, or scores with ``prune.mode=mask_only``), the attack."""
+
+    def __init__(self, model, cfg, x, y, state_dir, progress: bool):
+        p, a = cfg.prune, cfg.attack
+        self.cfg, self.p, self.scope = cfg, p, scope_of(cfg)
+        self.teacher = copy.deepcopy(model).eval()
+        for q in self.teacher.parameters():
+            q.requires_grad_(False)
+        self.student = copy.deepcopy(model).eval()
+        self.x_bn = x[: p.bn_samples] if p.bn_stats == "batch" else None
+        if self.x_bn is not None:
+            calibrate_bn(self.teacher, None, self.x_bn)
+        self.names = list(prunable_parameters(self.student))
+        self.theta0 = {n: q.detach().clone() for n, q in self.student.named_parameters()}
+        self.resuming = state_dir is not None and os.path.exists(os.path.join(state_dir, f"{STATE_LABEL}.json"))
+        # resume: the mask is the saved one
+        self.mask = None if self.resuming else _initial_mask(model, cfg, x, y, self.scope, self.theta0, self.names,
+                                                             progress)
+        self.mask_only = p.mode == "mask_only"
+        if self.mask_only:
+            for q in self.student.parameters():
+                q.requires_grad_(False)
+            self.scores = {n: self.theta0[n].abs().clone().requires_grad_(True) for n in self.names}
+            self.trained = self.scores
+        else:
+            self.trained = dict(self.student.named_parameters())
+        self.optimizer = torch.optim.Adam(self.trained.values(), lr=p.search_lr)
+        self.attack_model = copy.deepcopy(model).eval() if p.attack_target == "student" else self.teacher
+        self.attack = PGD(self.attack_model, a.eps, steps=a.steps, alpha=cfg.train_alpha, norm=a.norm)
+        self.teacher_params = dict(self.teacher.named_parameters())
+        with torch.no_grad():
+            self.f_t_dim = self.teacher(x[:1]).shape[1]
+
+    def start_counts(self) -> None:
+        self.counts = {n: int(m.sum()) for n, m in self.mask.items()}  # every update keeps them (allocation=fixed)
+        self.fixed = self.p.allocation == "fixed" and getattr(self.p, "structure", "unstructured") == "unstructured"
+
+    def reselect(self, scores):
+        return _select_fixed(scores, self.counts) if self.fixed else _select(scores, self.cfg, self.scope)
+
+    def effective_params(self) -> dict:
+        if self.mask_only:
+            out = dict(self.theta0)
+            for n in self.names:  # straight-through: forward uses the 0/1 mask, backward reaches the scores
+                m = self.mask[n]
+                out[n] = self.theta0[n] * (m + self.scores[n] - self.scores[n].detach())
+            return out
+        params = dict(self.student.named_parameters())
+        return {n: (q * self.mask[n] if n in self.mask else q) for n, q in params.items()}
+
+    def search_points(self, xb, yb, params, points: str):
+        """The matched points: clean, adversarial (PGD on the dense θ₀ or the student), or half of each."""
+        if points == "clean":
+            return xb
+        if self.p.attack_target == "student":
+            self.attack_model.load_state_dict({**{k: v.detach() for k, v in self.student.state_dict().items()},
+                                               **{k: v.detach() for k, v in params.items()}})
+        adv = self.attack(xb, yb)
+        return adv if points == "adversarial" else torch.cat([xb[: len(xb) // 2], adv[len(xb) // 2:]])
+
+    def matching_loss(self, pts, params, gen):
+        """(loss, output term, NTK term): the module docstring's objective on the points ``pts``."""
+        p = self.p
+        half = len(pts) // 2
+        x1, x2 = pts[:half], pts[half:]
+        v = torch.randn(self.f_t_dim, generator=gen).to(pts.device) if p.ntk_mode == "projected" else None
+        with torch.no_grad():
+            f_t = self.teacher(pts)
+        ntk_t = None
+        if p.ntk_weight > 0:
+            ntk_t = _ntk(self.teacher, self.teacher_params, x1, x2, p.ntk_mode, v, False, {}).detach()
+        f_s = functional_call(self.student, params, (pts,))
+        out_loss = (f_s - f_t).pow(2).mean()
+        loss = p.output_weight * out_loss
+        ntk_loss = torch.zeros(())
+        if ntk_t is not None:
+            ntk_s = _ntk(self.student, params, x1, x2, p.ntk_mode, v, True, dict(self.mask.items()))
+            ntk_loss = (ntk_s - ntk_t).pow(2).mean()
+            loss = loss + p.ntk_weight * ntk_loss
+        if p.l2_weight > 0:
+            loss = loss + p.l2_weight / p.density * sum(params[n].pow(2).sum() for n in self.names)
+        return loss, out_loss, ntk_loss
+
+    def update_mask(self, it: int) -> None:
+        p = self.p
+        if self.mask_only:
+            self.mask = self.reselect({n: s.detach() for n, s in self.scores.items()})
+        elif (it + 1) % p.mask_update_every == 0 and it + 1 < p.search_iters:
+            self.mask = self.reselect({n: q.detach().abs() for n, q in self.student.named_parameters()
+                                       if n in self.mask})
+
+    def final_ticket(self, model, points: str, log: list, started: float) -> Ticket:
+        p, mask = self.p, self.mask
+        if self.mask_only or p.ticket_weights == "init":
+            final = {k: v.clone() for k, v in self.theta0.items()}
+        else:
+            final = {k: v.detach().clone() for k, v in self.student.named_parameters()}
+        final = rescale_ticket(p.rescale, final, self.theta0, mask, model)
+        ticket_model = copy.deepcopy(model)  # the BN buffers stay θ₀'s: training replaces them with its own batches
+        ticket_model.load_state_dict({**ticket_model.state_dict(), **final})
+        apply_mask(ticket_model, mask)
+        state = {k: v.detach().clone() for k, v in ticket_model.state_dict().items()}
+        info = {"points": points, "mode": p.mode, "iters": p.search_iters, "allocation": p.allocation,
+                "init_method": init_method_of(self.cfg), "ticket_weights": p.ticket_weights, "bn_stats": p.bn_stats,
+                "rescale": p.rescale, "search_seconds": time.perf_counter() - started, "log": log}
+        return Ticket(mask=mask, state=state, info=info)
+
+
 def ntk_search(model, cfg, x, y, points: str, state_dir: str | None = None, progress: bool = True) -> Ticket:
     """Run the search on ``model`` (dense, at θ₀; not modified). ``points``: clean | adversarial | both.
     ``state_dir``: where to keep the resumable state (None: not resumable)."""
-    p, a = cfg.prune, cfg.attack
-    scope = scope_of(cfg)
-    teacher = copy.deepcopy(model).eval()
-    for q in teacher.parameters():
-        q.requires_grad_(False)
-    student = copy.deepcopy(model).eval()
-    x_bn = x[: p.bn_samples] if p.bn_stats == "batch" else None
-    if x_bn is not None:
-        calibrate_bn(teacher, None, x_bn)
-    names = list(prunable_parameters(student))
-    theta0 = {n: q.detach().clone() for n, q in student.named_parameters()}
-    resuming = state_dir is not None and os.path.exists(os.path.join(state_dir, f"{STATE_LABEL}.json"))
-    mask = None if resuming else _initial_mask(model, cfg, x, y, scope, theta0, names, progress)  # resume: saved
-    mask_only = p.mode == "mask_only"
-    if mask_only:
-        for q in student.parameters():
-            q.requires_grad_(False)
-        scores = {n: theta0[n].abs().clone().requires_grad_(True) for n in names}
-        trained = scores
-    else:
-        trained = dict(student.named_parameters())
-    optimizer = torch.optim.Adam(trained.values(), lr=p.search_lr)
-    attack_model = copy.deepcopy(model).eval() if p.attack_target == "student" else teacher
-    attack = PGD(attack_model, a.eps, steps=a.steps, alpha=cfg.train_alpha, norm=a.norm)
-    teacher_params = dict(teacher.named_parameters())
-    with torch.no_grad():
-        f_t_dim = teacher(x[:1]).shape[1]
+    p = cfg.prune
+    st = _SearchState(model, cfg, x, y, state_dir, progress)
     start, log, spent = 0, [], 0.0
-    if resuming:
-        start, log, spent, mask = _load_state(state_dir, trained, optimizer, names)
-    counts = {n: int(m.sum()) for n, m in mask.items()}  # every update keeps them under allocation=fixed
-    fixed = p.allocation == "fixed" and getattr(p, "structure", "unstructured") == "unstructured"
-
-    def reselect(scores):
-        return _select_fixed(scores, counts) if fixed else _select(scores, cfg, scope)
-
-    def effective_params():
-        if mask_only:
-            out = dict(theta0)
-            for n in names:  # straight-through: forward uses the 0/1 mask, backward reaches the scores
-                m = mask[n]
-                out[n] = theta0[n] * (m + scores[n] - scores[n].detach())
-            return out
-        params = dict(student.named_parameters())
-        return {n: (q * mask[n] if n in mask else q) for n, q in params.items()}
-
+    if st.resuming:
+        start, log, spent, st.mask = _load_state(state_dir, st.trained, st.optimizer, st.names)
+    st.start_counts()
     kill_at = int(os.environ.get(KILL_AT_ITER_ENV, "-1"))
     started = time.perf_counter() - spent
     with progress_bar(total=p.search_iters, initial=start, desc=f"{cfg.prune.method} search", unit="it",
@@ -190,65 +239,23 @@ def ntk_search(model, cfg, x, y, points: str, state_dir: str | None = None, prog
             torch.manual_seed(seed)  # the attack's random start
             gen = torch.Generator().manual_seed(seed)
             idx = torch.randint(len(y), (p.search_batch,), generator=gen).to(y.device)
-            xb, yb = x[idx], y[idx]
-            params = effective_params()
-            if x_bn is not None:
-                calibrate_bn(student, params, x_bn)  # constants inside the step (as eval mode treats them)
-            if points == "clean":
-                pts = xb
-            else:
-                if p.attack_target == "student":
-                    attack_model.load_state_dict({**{k: v.detach() for k, v in student.state_dict().items()},
-                                                  **{k: v.detach() for k, v in params.items()}})
-                adv = attack(xb, yb)
-                pts = adv if points == "adversarial" else torch.cat([xb[: len(xb) // 2], adv[len(xb) // 2:]])
-            half = len(pts) // 2
-            x1, x2 = pts[:half], pts[half:]
-            v = torch.randn(f_t_dim, generator=gen).to(x.device) if p.ntk_mode == "projected" else None
-            with torch.no_grad():
-                f_t = teacher(pts)
-            ntk_t = None
-            if p.ntk_weight > 0:
-                ntk_t = _ntk(teacher, teacher_params, x1, x2, p.ntk_mode, v, False, {}).detach()
-            f_s = functional_call(student, params, (pts,))
-            out_loss = (f_s - f_t).pow(2).mean()
-            loss = p.output_weight * out_loss
-            ntk_loss = torch.zeros(())
-            if ntk_t is not None:
-                ntk_s = _ntk(student, params, x1, x2, p.ntk_mode, v, True, dict(mask.items()))
-                ntk_loss = (ntk_s - ntk_t).pow(2).mean()
-                loss = loss + p.ntk_weight * ntk_loss
-            if p.l2_weight > 0:
-                loss = loss + p.l2_weight / p.density * sum(params[n].pow(2).sum() for n in names)
-            optimizer.zero_grad(set_to_none=True)
+            params = st.effective_params()
+            if st.x_bn is not None:
+                calibrate_bn(st.student, params, st.x_bn)  # constants inside the step (as eval mode treats them)
+            pts = st.search_points(x[idx], y[idx], params, points)
+            loss, out_loss, ntk_loss = st.matching_loss(pts, params, gen)
+            st.optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            optimizer.step()
-            if mask_only:
-                mask = reselect({n: s.detach() for n, s in scores.items()})
-            elif (it + 1) % p.mask_update_every == 0 and it + 1 < p.search_iters:
-                mask = reselect({n: q.detach().abs() for n, q in student.named_parameters() if n in mask})
+            st.optimizer.step()
+            st.update_mask(it)
             if it % 10 == 0 or it + 1 == p.search_iters:
                 log.append({"iter": it, "loss": loss.item(), "output": out_loss.item(), "ntk": ntk_loss.item(),
                             "seconds": time.perf_counter() - started})
             bar.update(1)
             if state_dir is not None and p.checkpoint_every and (it + 1) % p.checkpoint_every == 0 \
                     and it + 1 < p.search_iters:
-                _save_state(state_dir, it + 1, log, time.perf_counter() - started, trained, optimizer, mask)
-
-    if mask_only or p.ticket_weights == "init":
-        final = {k: v.clone() for k, v in theta0.items()}
-    else:
-        final = {k: v.detach().clone() for k, v in student.named_parameters()}
-    final = rescale_ticket(p.rescale, final, theta0, mask, model)
-    ticket_model = copy.deepcopy(model)  # the BN buffers stay θ₀'s: training replaces them with its own batches
-    ticket_model.load_state_dict({**ticket_model.state_dict(), **final})
-    apply_mask(ticket_model, mask)
-    state = {k: v.detach().clone() for k, v in ticket_model.state_dict().items()}
-    return Ticket(mask=mask, state=state, info={"points": points, "mode": p.mode, "iters": p.search_iters,
-                                                 "allocation": p.allocation, "init_method": init_method_of(cfg),
-                                                 "ticket_weights": p.ticket_weights, "bn_stats": p.bn_stats,
-                                                 "rescale": p.rescale,
-                                                 "search_seconds": time.perf_counter() - started, "log": log})
+                _save_state(state_dir, it + 1, log, time.perf_counter() - started, st.trained, st.optimizer, st.mask)
+    return st.final_ticket(model, points, log, started)
 
 
 def _save_state(folder, it, log, seconds, trained: dict, optimizer, mask: Mask) -> None:

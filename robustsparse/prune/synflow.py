@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from robustsparse.errors import UserError
 
-from .scores import _prunable, check_density, check_masks, device_of, forward_with, module_modes, topk_masks
+from .scoring import _prunable, check_density, check_masks, device_of, forward_with, module_modes, topk_masks
 
 REQUIRES_DATA = False
 

@@ -20,17 +20,35 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .._version import __version__
 from ..errors import UserError
 from .atomic import replace_durably, write_json_atomic
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_meta", "find_checkpoint", "write_json_atomic", "FORMAT"]
+__all__ = ["save_checkpoint", "load_checkpoint", "read_meta", "find_checkpoint", "write_json_atomic", "FORMAT",
+           "optimizer_tensors", "load_optimizer"]
 
 FORMAT = "robustsparse-checkpoint/1"
 
 
 def _version() -> str:
-    from .. import __version__
     return __version__
+
+
+def optimizer_tensors(optimizer) -> tuple[dict, list]:
+    """An optimizer's state as checkpoint tensors ``optim.<param index>.<name>`` plus its JSON param groups."""
+    sd = optimizer.state_dict()
+    tensors = {f"optim.{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)}
+    return tensors, sd["param_groups"]
+
+
+def load_optimizer(optimizer, tensors: dict, param_groups: list) -> None:
+    """Inverse of ``optimizer_tensors`` (other keys of ``tensors`` are ignored)."""
+    state: dict = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
 
 
 def _sha256(path: str) -> str:

@@ -10,10 +10,10 @@
 
 Loading a sparse state_dict into a fresh model: ``attach_mask_buffers(model, sd); model.load_state_dict(sd)``.
 """
-from .mask import (Mask, apply_mask, attach_mask_buffers, enforce_mask, get_mask, is_masked, mask_optimizer_state,
-                   masks_from_scores, prunable_parameters, remove_mask)
+from .mask import (Mask, apply_mask, attach_mask_buffers, enforce_mask, get_mask, is_masked, load_model_state,
+                   mask_optimizer_state, masks_from_scores, prunable_parameters, remove_mask)
 from .report import LayerRow, SparsityReport, sparsity_report
 
 __all__ = ["Mask", "prunable_parameters", "masks_from_scores", "apply_mask", "get_mask", "remove_mask",
-           "enforce_mask", "is_masked", "mask_optimizer_state", "attach_mask_buffers", "sparsity_report",
+           "enforce_mask", "is_masked", "mask_optimizer_state", "attach_mask_buffers", "load_model_state", "sparsity_report",
            "SparsityReport", "LayerRow"]

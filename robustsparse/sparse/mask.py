@@ -399,3 +399,14 @@ def attach_mask_buffers(model: nn.Module, state_dict: dict[str, Tensor]) -> nn.M
     except UserError as exc:
         raise UserError(f"the saved model's mask is invalid: {exc}") from exc
     return apply_mask(model, mask)
+
+
+def load_model_state(model: nn.Module, state: dict, source: str = "the saved weights") -> None:
+    """Load a state dict that may carry ``weight_mask`` buffers: the mask is attached first, then the weights."""
+    if any(k.endswith("weight_mask") for k in state):
+        attach_mask_buffers(model, state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        detail = next((line.strip() for line in str(exc).splitlines()[1:] if line.strip()), str(exc))
+        raise UserError(f"{source} does not fit this architecture: {detail}") from exc

@@ -1,4 +1,4 @@
-"""Dense training: objectives (standard, PGD-AT, TRADES), schedules, the trainer."""
+"""Training: objectives (train/objectives/), the one step loop (loop.py), the trainer, engine, DDP, guards, stages."""
 from .objectives import OBJECTIVES, register_objective
 from .trainer import TrainResult, train
 

@@ -1,4 +1,5 @@
-"""The training loop for every dense objective (standard, PGD-AT, TRADES), readable in one go.
+"""Training a run: every objective (standard, PGD-AT, TRADES, FGSM-AT, the once-for-all methods), dense or from a
+ticket. The step loop itself is train/loop.py (shared with HYDRA's score stage and bench).
 
 Data live on the training device as one tensor; each step draws its batch from a per-epoch permutation and is
 augmented on the device. Randomness is a pure function of (seed, epoch, step): the permutation, the augmentation
@@ -10,7 +11,6 @@ and are read once per epoch. Validation (clean + PGD-k on the held-out val split
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -18,68 +18,31 @@ from dataclasses import dataclass
 import torch
 import yaml
 
+from ..analysis.dynamics import DynamicsRecorder, make_probe
 from ..config import RunConfig, config_from_dict
-from ..data import augment, dataset_spec, load_dataset
+from ..data import load_split
 from ..errors import UserError
-from ..models import build_model
-from ..progress import progress_bar
-from ..prune.ticket import load_model_state
 from ..runs.atomic import holds_nothing_but, write_yaml_atomic
-from ..runs.checkpoint import newest_intact, save_checkpoint
+from ..runs.checkpoint import load_optimizer, newest_intact, optimizer_tensors, save_checkpoint
 from ..runs.logger import MetricsLog, write_status
+from ..runs.plots import plot_curves
+from ..sparse import load_model_state
+from ..sparse.ticket import load_ticket
+from ..utils.device import resolve_device
+from ..utils.progress import progress_bar
 from .distributed import RowsOnly
 from .engine import Engine
 from .guards import TrainingGuard
-from .objectives import build_objective
+from .loop import StepCounts, kill_step, run_steps, seeded_batches
+from .objectives import Objective, build_objective
 from .schedule import lr_at
-
-KILL_AT_STEP_ENV = "ROBUSTSPARSE_KILL_AT_STEP"  # fault injection for resume tests: SIGKILL self at this global step
+from .spec import build_from_spec, model_spec
 
 
 @dataclass
 class TrainResult:
     run_dir: str
-    best_val_robust: float | None
-    last_epoch: int
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"train.device={name} but no CUDA device is available; use train.device=cpu")
-    return torch.device(name)
-
-
-def step_seed(seed: int, epoch: int, step: int) -> int:
-    return ((seed * 1_000_003 + epoch) * 100_003 + step) % (2**63 - 1)
-
-
-def model_spec(cfg: RunConfig) -> dict:
-    """Everything needed to rebuild the architecture; stored in every checkpoint."""
-    spec = dataset_spec(cfg.data.name, **cfg.data.options)
-    return {"name": cfg.model.name, "in_channels": spec.channels, "num_classes": spec.num_classes,
-            "input_size": list(spec.size), "mean": cfg.model.mean, "std": cfg.model.std,
-            "options": dict(cfg.model.options), **_ofa_spec(cfg)}
-
-
-def _ofa_spec(cfg: RunConfig) -> dict:
-    from ..ofa import ofa_spec  # once-for-all methods (oat, float, smart) add their options to the spec
-    return ofa_spec(cfg)
-
-
-def build_from_spec(spec: dict) -> torch.nn.Module:
-    model = build_model(spec["name"], spec["in_channels"], spec["num_classes"], tuple(spec["input_size"]),
-                        mean=spec["mean"], std=spec["std"], **spec["options"])
-    if "ofa" in spec:  # a once-for-all model: the registry model converted in place (robustsparse/ofa/)
-        from ..ofa import make_conditional
-        model = make_conditional(model, spec["ofa"])
-    return model
-
-
-def load_split(cfg: RunConfig, split: str):
-    kwargs = {} if cfg.data.val_size is None else {"val_size": cfg.data.val_size}
-    return load_dataset(cfg.data.name, split, root=cfg.data.root, **kwargs, **cfg.data.options)
+    best_val_robust: float | None  # the best checkpoint's validation score (the objective's ``selects_on``)
 
 
 def run_config(out: str, cfg: RunConfig | None, resume: bool) -> RunConfig:
@@ -112,21 +75,6 @@ def create_run_dir(out: str, cfg: RunConfig) -> None:
     os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
 
 
-def _optimizer_tensors(optimizer) -> tuple[dict, list]:
-    sd = optimizer.state_dict()
-    tensors = {f"optim.{i}.{k}": v for i, st in sd["state"].items() for k, v in st.items() if torch.is_tensor(v)}
-    return tensors, sd["param_groups"]
-
-
-def _load_optimizer(optimizer, tensors: dict, param_groups: list) -> None:
-    state: dict = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
-
-
 def _summary(row: dict, epochs: int) -> str:
     parts = [f"epoch {row['epoch'] + 1}/{epochs}", f"loss {row['train_loss']:.4f}"]
     if "train_adv_acc" in row:
@@ -139,7 +87,6 @@ def _summary(row: dict, epochs: int) -> str:
 
 def _start_from_ticket(model, path: str, spec: dict) -> None:
     """Load a ticket's mask and initial weights into ``model``; refuse a ticket for another architecture."""
-    from ..prune.ticket import load_ticket
     state, meta = load_ticket(path)
     if meta["model_spec"] != spec:
         raise UserError(f"ticket {path} was found for {meta['model_spec']}, but this run builds {spec}; "
@@ -147,9 +94,30 @@ def _start_from_ticket(model, path: str, spec: dict) -> None:
     load_model_state(model, {k: v.to(next(model.parameters()).device) for k, v in state.items()})
 
 
-def train(cfg: RunConfig | None, out: str, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Train one dense model as ``cfg`` says and write the run folder ``out`` (see docs/architecture.md)."""
-    cfg = run_config(out, cfg, resume)
+@dataclass
+class _Run:
+    """What one training run holds, built by ``_prepare``."""
+    cfg: RunConfig
+    out: str
+    engine: Engine
+    model: torch.nn.Module  # the plain module: checkpoints, validation and the optimizer use it
+    optimizer: torch.optim.Optimizer
+    objective: Objective
+    spec: dict
+    data: tuple  # x_train, y_train, x_val, y_val on the device
+    probe: torch.Tensor | None
+    batch: int
+    steps_per_epoch: int
+
+    def lr(self, global_step: int) -> float:
+        t = self.cfg.train
+        return lr_at(global_step, self.steps_per_epoch * t.epochs, t.lr, t.schedule,
+                     round(t.warmup_epochs * self.steps_per_epoch), t.milestones)
+
+
+def _prepare(cfg: RunConfig, out: str, resume: bool) -> _Run:
+    """Engine, data, θ₀ (seeded), optimizer, probe, ticket and objective, in this order; the folder only after all
+    of them succeeded, so a bad config leaves nothing behind."""
     t = cfg.train
     engine = Engine.from_train_config(t, resolve_device(t.device))  # AMP, channels_last, compile, DDP (engine.py)
     device = engine.device
@@ -160,144 +128,158 @@ def train(cfg: RunConfig | None, out: str, resume: bool = False, progress: bool 
     model = build_from_spec(spec).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, nesterov=t.nesterov,
                                 weight_decay=t.weight_decay)
-    recorder = None
-    if t.probe_every:  # probe from the dense θ₀ (the model as built, before any ticket is loaded)
-        from ..dynamics import DynamicsRecorder, make_probe
-        probe = make_probe(cfg, model)
+    # the probe comes from the dense θ₀ (the model as built, before any ticket is loaded)
+    probe = make_probe(cfg, model) if t.probe_every else None
     if t.ticket is not None:  # the mask's own hooks keep pruned weights exactly 0 through every step
         _start_from_ticket(model, t.ticket, spec)
     objective = build_objective(engine.prepare_model(model), cfg)  # `model` stays the plain module we checkpoint
-    if not resume and engine.is_main:  # only now: data and model are known to load, so a bad config leaves no folder
+    if not resume and engine.is_main:
         create_run_dir(out, cfg)
+    batch = min(t.batch_size, len(y_train))
+    # drop the ragged last batch: every step sees a full batch (BN-friendly)
+    return _Run(cfg, out, engine, model, optimizer, objective, spec, (x_train, y_train, x_val, y_val), probe,
+                batch, len(y_train) // batch)
 
-    n = len(y_train)
-    batch = min(t.batch_size, n)
-    steps_per_epoch = n // batch  # drop the ragged last batch: every step sees a full batch (BN-friendly)
-    total_steps = steps_per_epoch * t.epochs
-    warmup_steps = round(t.warmup_epochs * steps_per_epoch)
 
-    start_epoch, start_step, best, sums = 0, 0, None, None
-    ckpt_dir = os.path.join(out, "checkpoints")
-    found = newest_intact(ckpt_dir) if resume else None  # 'last', or the newest intact one if 'last' is damaged
-    if found is not None:
+class Checkpointer:
+    """Writes the run's checkpoints (rank 0 only: every rank holds the same model and optimizer state) and holds
+    ``best``, the record of the best validation score so far."""
+
+    def __init__(self, run: _Run):
+        self.run, self.dir, self.best = run, os.path.join(run.out, "checkpoints"), None
+
+    def save(self, label: str, epoch: int, step: int, epoch_sums: dict | None) -> None:
+        r = self.run
+        if not r.engine.is_main:
+            return
+        tensors, groups = optimizer_tensors(r.optimizer)
+        tensors.update({f"model.{k}": v for k, v in r.model.state_dict().items()})
+        save_checkpoint(self.dir, label, tensors, {
+            "epoch": epoch, "step": step, "global_step": epoch * r.steps_per_epoch + step, "best": self.best,
+            "epoch_sums": epoch_sums, "model_spec": r.spec, "config": r.cfg.to_dict(),
+            "optimizer_param_groups": groups, "eval_eps": r.cfg.attack.eps, "eval_norm": r.cfg.attack.norm,
+            "engine": r.engine.state_dict()})
+
+    def resume(self) -> tuple[int, int, dict | None, bool]:
+        """Load the newest intact checkpoint ('last', or an older one if 'last' is damaged): (epoch, step,
+        partial-epoch sums, whether an older one had to be used)."""
+        found = newest_intact(self.dir)
+        if found is None:
+            return 0, 0, None, False
+        r, device = self.run, self.run.engine.device
         tensors, meta, handle, problems = found
         for problem in problems:
             print(f"warning: {problem}; resuming from {handle} (epoch {meta['epoch']}, step {meta['step']})",
                   file=sys.stderr, flush=True)
-        load_model_state(model, {k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("model.")})
-        _load_optimizer(optimizer, {k: v.to(device) for k, v in tensors.items()}, meta["optimizer_param_groups"])
-        start_epoch, start_step, best, sums = meta["epoch"], meta["step"], meta["best"], meta["epoch_sums"]
-        engine.load_state_dict(meta.get("engine"))
-    if t.probe_every and engine.is_main:
-        recorder = DynamicsRecorder(out, probe)
+        load_model_state(r.model, {k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("model.")})
+        load_optimizer(r.optimizer, {k: v.to(device) for k, v in tensors.items()}, meta["optimizer_param_groups"])
+        self.best = meta["best"]
+        r.engine.load_state_dict(meta.get("engine"))
+        return meta["epoch"], meta["step"], meta["epoch_sums"], bool(problems)
+
+
+def _train_epoch(r: _Run, epoch: int, first: int, sums: dict | None, guard, ckpt: Checkpointer,
+                 progress: bool) -> dict:
+    """Steps ``first``.. of ``epoch`` (continuing the saved partial sums), then the epoch's metrics row."""
+    t, engine = r.cfg.train, r.engine
+    started = time.perf_counter()
+    saved = sums if first and sums else None
+    counts = StepCounts(engine.device, saved["acc"] if saved and engine.is_main else None)  # global sums: once
+    if saved:
+        started -= saved["seconds"]
+
+    def step_checkpoint(next_step: int) -> None:
+        epoch_sums = {"acc": counts.as_list(engine), "seconds": time.perf_counter() - started}
+        guard.check(epoch_sums["acc"], epoch, next_step)
+        ckpt.save("last", epoch, next_step, epoch_sums)
+
+    x_train, y_train = r.data[:2]
+    r.model.train()
+    with progress_bar(total=r.steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{t.epochs}",
+                      enabled=progress and engine.is_main, unit="step") as bar:
+        batches = seeded_batches(x_train, y_train, t.seed, epoch, first, r.steps_per_epoch, r.batch,
+                                 r.cfg.data.crop_padding, r.cfg.data.flip, engine, kill_step())
+        lr = run_steps(batches, engine, r.objective, r.optimizer, counts, r.lr, bar=bar,
+                       every=t.checkpoint_every_steps, on_checkpoint=step_checkpoint,
+                       steps_per_epoch=r.steps_per_epoch)
+    totals = counts.as_list(engine)
+    guard.check(totals[:2], epoch, r.steps_per_epoch)  # before validation and before any checkpoint
+    metrics = StepCounts.row(totals)
+    row = {"epoch": epoch, "step": (epoch + 1) * r.steps_per_epoch, "lr": lr, "train_loss": metrics.pop("train_loss"),
+           "seconds": time.perf_counter() - started}
+    row.update(metrics)  # train_clean_acc / train_adv_acc: whichever the objective counted
+    return row
+
+
+def _validate(r: _Run, row: dict, epoch: int, ckpt: Checkpointer) -> bool:
+    """Validation (clean + PGD-k on the val split, through the objective's hooks) into ``row``; True if this epoch
+    is the new best by the objective's ``selects_on``."""
+    t, (x_val, y_val) = r.cfg.train, r.data[2:]
+    if not len(y_val) or not ((epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs):
+        return False
+    row.update(r.objective.extra_validation(r.model, x_val, y_val))
+    attack = f"pgd-{t.val_attack_steps}"
+    res = r.engine.evaluate(r.objective.validation_model(r.model), x_val, y_val, suite=f"clean,{attack}",
+                            eps=r.cfg.attack.eps, norm=r.cfg.attack.norm, num_classes=r.spec["num_classes"],
+                            progress=False, run_checks=False)
+    row["val_clean_acc"] = res.accuracy["clean"]
+    row["val_robust_acc"] = res.accuracy[attack]
+    row["val_attack"] = res.attacks[attack]
+    score = row[r.objective.selects_on]
+    if ckpt.best is None or score > ckpt.best["score"]:
+        ckpt.best = {"score": score, "epoch": epoch, "metric": r.objective.selects_on}
+        return True
+    return False
+
+
+def _end_epoch(r: _Run, row: dict, epoch: int, is_best: bool, guard, log, recorder, ckpt: Checkpointer,
+               progress: bool) -> None:
+    """The overfitting check, the metrics line, the dynamics probe, then best / epoch-k / last and the plot."""
+    t, main = r.cfg.train, r.engine.is_main
+    stop = guard.after_validation(row, log.rows)  # flags catastrophic overfitting in the row
+    log.append(row, row["step"])
+    if progress and main:
+        print(_summary(row, t.epochs), file=sys.stderr, flush=True)
+    if stop:  # train.on_overfit=stop: before this epoch's best/last, so 'last' stays the last good state
+        guard.stop_overfit(row)
+    if recorder is not None and main and ((epoch + 1) % t.probe_every == 0 or epoch + 1 == t.epochs):
+        recorder.record(r.model, epoch + 1)
+    if is_best:
+        ckpt.save("best", epoch + 1, 0, None)
+    if epoch + 1 in t.keep_epochs:  # a rewinding point (IMP); written before last so a kill cannot skip it
+        ckpt.save(f"epoch-{epoch + 1}", epoch + 1, 0, None)
+    ckpt.save("last", epoch + 1, 0, None)
+    if main:
+        plot_curves(log.rows, os.path.join(r.out, "curves.png"))
+
+
+def train(cfg: RunConfig | None, out: str, resume: bool = False, progress: bool = True) -> TrainResult:
+    """Train one model as ``cfg`` says and write the run folder ``out`` (see docs/architecture.md)."""
+    cfg = run_config(out, cfg, resume)
+    r = _prepare(cfg, out, resume)
+    t, engine = cfg.train, r.engine
+    ckpt = Checkpointer(r)
+    start_epoch, start_step, sums, fell_back = ckpt.resume() if resume else (0, 0, None, False)
+    recorder = None
+    if r.probe is not None and engine.is_main:
+        recorder = DynamicsRecorder(out, r.probe)
         if start_epoch == 0 and start_step == 0:
-            recorder.record(model, 0)
+            recorder.record(r.model, 0)
     log = (MetricsLog if engine.is_main else RowsOnly)(out, resume_epoch=start_epoch if resume else None,
-                                                       purge_step=start_epoch * steps_per_epoch if resume else None)
+                                                       purge_step=start_epoch * r.steps_per_epoch if resume else None)
     if engine.is_main:
-        write_status(out, status="running", device=str(device), torch=torch.__version__, engine=engine.describe())
-
-    def checkpoint(label, epoch, step, epoch_sums):
-        if not engine.is_main:  # every rank holds the same model and optimizer state; one writes it
-            return
-        tensors, groups = _optimizer_tensors(optimizer)
-        tensors.update({f"model.{k}": v for k, v in model.state_dict().items()})
-        save_checkpoint(ckpt_dir, label, tensors, {
-            "epoch": epoch, "step": step, "global_step": epoch * steps_per_epoch + step, "best": best,
-            "epoch_sums": epoch_sums, "model_spec": spec, "config": cfg.to_dict(),
-            "optimizer_param_groups": groups, "eval_eps": cfg.attack.eps, "eval_norm": cfg.attack.norm,
-            "engine": engine.state_dict()})
-
-    guard = TrainingGuard(out, t, spec["num_classes"], model, writes=engine.is_main)  # divergence, overfitting
-    if found is not None and found[3]:  # resumed from an older checkpoint: replace the damaged 'last' right away
-        checkpoint("last", start_epoch, start_step, sums)
-    kill_at = int(os.environ.get(KILL_AT_STEP_ENV, "-1"))
+        write_status(out, status="running", device=str(engine.device), torch=torch.__version__,
+                     engine=engine.describe())
+    guard = TrainingGuard(out, t, r.spec["num_classes"], r.model, writes=engine.is_main)  # divergence, overfitting
+    if fell_back:  # resumed from an older checkpoint: replace the damaged 'last' right away
+        ckpt.save("last", start_epoch, start_step, sums)
     for epoch in range(start_epoch, t.epochs):
-        started = time.perf_counter()
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(step_seed(t.seed, epoch, -1))).to(device)
-        acc = torch.zeros(4, device=device, dtype=torch.float64)  # loss·n, n, clean correct, adv correct
         first = start_step if epoch == start_epoch else 0
-        if first and sums:
-            if engine.is_main:  # the saved sums are over all ranks: count them once
-                acc += torch.tensor(sums["acc"], device=device, dtype=torch.float64)
-            started -= sums["seconds"]
-        model.train()
-        with progress_bar(total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}/{t.epochs}",
-                          enabled=progress and engine.is_main, unit="step") as bar:
-            for step in range(first, steps_per_epoch):
-                global_step = epoch * steps_per_epoch + step
-                if global_step == kill_at:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                seed = step_seed(t.seed, epoch, step)
-                torch.manual_seed(engine.rank_seed(seed))  # attack random starts, dropout
-                idx = perm[step * batch:(step + 1) * batch]
-                gen = torch.Generator(device=device).manual_seed(seed)
-                xb = augment(x_train[idx], cfg.data.crop_padding, cfg.data.flip, generator=gen)
-                yb = y_train[idx]
-                xb, yb = engine.shard(xb), engine.shard(yb)  # this rank's slice of the global batch (DDP)
-                lr = lr_at(global_step, total_steps, t.lr, t.schedule, warmup_steps, t.milestones)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with engine.autocast():
-                    out_step = objective(engine.layout(xb), yb)
-                optimizer.zero_grad(set_to_none=True)
-                engine.backward(out_step.loss)
-                engine.optimizer_step(optimizer)
-                acc[0] += out_step.loss.detach() * len(yb)
-                acc[1] += len(yb)
-                if out_step.correct_clean is not None:
-                    acc[2] += out_step.correct_clean
-                if out_step.correct_adv is not None:
-                    acc[3] += out_step.correct_adv
-                bar.update(1)
-                if t.checkpoint_every_steps and (global_step + 1) % t.checkpoint_every_steps == 0 \
-                        and step + 1 < steps_per_epoch:
-                    epoch_sums = {"acc": engine.sum_over_ranks(acc).tolist(),
-                                  "seconds": time.perf_counter() - started}
-                    guard.check(epoch_sums["acc"], epoch, step + 1)
-                    checkpoint("last", epoch, step + 1, epoch_sums)
-
-        loss_sum, seen, clean_ok, adv_ok = engine.sum_over_ranks(acc).tolist()
-        guard.check([loss_sum, seen], epoch, steps_per_epoch)  # before validation and before any checkpoint
-        row = {"epoch": epoch, "step": (epoch + 1) * steps_per_epoch, "lr": lr, "train_loss": loss_sum / seen,
-               "seconds": time.perf_counter() - started}
-        if t.method in ("standard", "trades"):
-            row["train_clean_acc"] = clean_ok / seen
-        if t.method in ("pgd_at", "trades", "fgsm_at"):
-            row["train_adv_acc"] = adv_ok / seen
-        is_best = False
-        if len(y_val) and ((epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs):
-            from ..ofa import validation_extra, validation_model  # once-for-all models: validated at λ = 1
-            row.update(validation_extra(model, x_val, y_val))  # ... plus clean accuracy at λ = 0
-            res = engine.evaluate(validation_model(model), x_val, y_val, suite=f"clean,pgd-{t.val_attack_steps}",
-                                  eps=cfg.attack.eps, norm=cfg.attack.norm, num_classes=spec["num_classes"],
-                                  progress=False, run_checks=False)
-            row["val_clean_acc"] = res.accuracy["clean"]
-            row["val_robust_acc"] = res.accuracy[f"pgd-{t.val_attack_steps}"]
-            row["val_attack"] = res.attacks[f"pgd-{t.val_attack_steps}"]
-            score = row["val_clean_acc"] if t.method == "standard" else row["val_robust_acc"]
-            if best is None or score > best["score"]:
-                best = {"score": score, "epoch": epoch,
-                        "metric": "val_clean_acc" if t.method == "standard" else "val_robust_acc"}
-                is_best = True
-        stop = guard.after_validation(row, log.rows)  # flags catastrophic overfitting in the row
-        log.append(row, row["step"])
-        if progress and engine.is_main:
-            print(_summary(row, t.epochs), file=sys.stderr, flush=True)
-        if stop:  # train.on_overfit=stop: before this epoch's best/last, so 'last' stays the last good state
-            guard.stop_overfit(row)
-        if recorder is not None and engine.is_main and ((epoch + 1) % t.probe_every == 0 or epoch + 1 == t.epochs):
-            recorder.record(model, epoch + 1)
-        if is_best:
-            checkpoint("best", epoch + 1, 0, None)
-        if epoch + 1 in t.keep_epochs:  # a rewinding point (IMP); written before last so a kill cannot skip it
-            checkpoint(f"epoch-{epoch + 1}", epoch + 1, 0, None)
-        checkpoint("last", epoch + 1, 0, None)
-        if engine.is_main:
-            from ..report import plot_curves
-            plot_curves(log.rows, os.path.join(out, "curves.png"))
+        row = _train_epoch(r, epoch, first, sums, guard, ckpt, progress)
+        is_best = _validate(r, row, epoch, ckpt)
+        _end_epoch(r, row, epoch, is_best, guard, log, recorder, ckpt, progress)
     log.close()
     if engine.is_main:
         write_status(out, status="finished", epochs=t.epochs)
     engine.close()
-    return TrainResult(out, None if best is None else best["score"], t.epochs - 1)
+    return TrainResult(out, None if ckpt.best is None else ckpt.best["score"])

@@ -31,8 +31,8 @@ def add_export_parser(sub) -> None:
 def cmd_export(args) -> int:
     import math
 
-    from .errors import UserError
-    from .export import export_run
+    from ..errors import UserError
+    from ..export import export_run
 
     if not (isinstance(args.tolerance, float) and math.isfinite(args.tolerance) and args.tolerance > 0):
         raise UserError(f"--tolerance must be a positive number, got {args.tolerance}")

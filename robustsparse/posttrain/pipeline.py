@@ -2,8 +2,8 @@
 
     robustsparse posttrain CONFIG [k=v ...] --method {hydra,lwm,imp} --density D --out DIR [--pretrained RUN]
 
-``hydra`` (prune/hydra.py), ``lwm`` (prune/lwm.py) and ``imp`` (prune/imp.py) are registered in
-prune/after.py. Every stage is resumable and a finished one is never recomputed, so running the same command
+``hydra`` (posttrain/hydra.py), ``lwm`` (posttrain/lwm.py) and ``imp`` (posttrain/imp.py) are registered in
+posttrain/after.py. Every stage is resumable and a finished one is never recomputed, so running the same command
 again (or ``--resume --out DIR``) continues where it stopped. A different request in the same folder is refused.
 
     <out>/posttrain.yaml   the request: method, densities, evaluation suite, config, and the pre-trained run
@@ -32,12 +32,20 @@ from dataclasses import dataclass, field
 import torch
 import yaml
 
-from .config import RunConfig, config_from_dict
-from .errors import UserError
-from .prune.after import AFTER_TRAINING, Outcome
-from .runs.atomic import holds_nothing_but, write_json_atomic, write_text_atomic, write_yaml_atomic
-from .runs.checkpoint import find_checkpoint, load_checkpoint, read_meta, save_checkpoint
-from .stages import eval_stage, is_finished, recorded_seconds, run_epochs, train_stage
+from ..api import eval_stage, load
+from ..config import RunConfig, config_from_dict
+from ..data import load_split
+from ..errors import UserError
+from ..eval import parse_suite
+from ..runs.atomic import holds_nothing_but, write_json_atomic, write_yaml_atomic
+from ..runs.checkpoint import find_checkpoint, load_checkpoint, read_meta
+from ..runs.costs import total_cost
+from ..sparse import apply_mask, load_model_state
+from ..sparse.ticket import has_ticket, load_ticket, ticket_mask, write_ticket
+from ..train.spec import build_from_spec, model_spec
+from ..train.stages import is_finished, recorded_seconds, run_epochs, train_stage
+from ..utils.device import resolve_device
+from .after import AFTER_TRAINING, Outcome
 
 REQUEST = "posttrain.yaml"
 
@@ -49,20 +57,12 @@ class PosttrainResult:
     outcomes: list[Outcome]
     evals: dict = field(default_factory=dict)  # density -> eval.json contents (absent with suite "none")
 
-    def cost(self, outcome: Outcome) -> dict:
-        return total_cost(outcome.stages)
-
-
-def total_cost(stages: list[dict]) -> dict:
-    return {"epochs": sum(s["epochs"] for s in stages), "seconds": sum(s["seconds"] for s in stages)}
-
 
 class Pipeline:
     """What a method gets: the config, the pre-trained run, and resumable building blocks."""
 
     def __init__(self, cfg: RunConfig, out: str, densities: list[float], pretrained: str, reused: bool,
                  progress: bool = True):
-        from .train.trainer import model_spec, resolve_device
         self.cfg, self.out, self.densities, self.progress = cfg, out, densities, progress
         self.pretrained, self.reused = pretrained, reused
         self.spec = model_spec(cfg)
@@ -76,8 +76,7 @@ class Pipeline:
             print(f"[posttrain] {msg}", file=sys.stderr, flush=True)
 
     def load_run(self, run_dir: str) -> torch.nn.Module:
-        import robustsparse as rs
-        return rs.load(run_dir, which="best", device=self.device)
+        return load(run_dir, which="best", device=self.device)
 
     def pretrained_model(self) -> torch.nn.Module:
         """The pre-trained dense network (its best checkpoint: the one its evaluation reports)."""
@@ -89,7 +88,6 @@ class Pipeline:
 
     def rewind_state(self) -> dict:
         """IMP's rewinding point: θ₀ of the pre-trained run (rebuilt from its seed) or its epoch-k weights."""
-        from .train.trainer import build_from_spec
         k = self.cfg.prune.imp_rewind_epoch
         if k == 0:
             with open(os.path.join(self.pretrained, "config.yaml")) as fh:
@@ -101,32 +99,19 @@ class Pipeline:
 
     # tickets ---------------------------------------------------------------------------------------------
     def has_ticket(self, folder: str) -> bool:
-        return os.path.exists(os.path.join(folder, "ticket.json"))
+        return has_ticket(folder)
 
     def write_ticket(self, folder: str, state: dict, mask, info: dict) -> None:
         """A ticket folder (what ``train.ticket`` consumes): ``state`` with ``mask`` applied. ticket.json is
         written last, so a kill leaves either no ticket or a whole one."""
-        from .prune.ticket import LABEL, load_model_state
-        from .sparse import apply_mask, sparsity_report
-        from .train.trainer import build_from_spec
         model = build_from_spec(self.spec)
         load_model_state(model, {k: v.cpu() for k, v in state.items()})
         apply_mask(model, mask.to("cpu"))
-        os.makedirs(folder, exist_ok=True)
         info = {"density_target": self.cfg.prune.density, **info, "density": mask.density(), "kept": mask.kept()}
-        report = sparsity_report(model, (self.spec["in_channels"], *self.spec["input_size"]))
-        write_text_atomic(os.path.join(folder, "mask_report.md"),
-                          f"# Ticket: {info['method']} at density {mask.density():.4f}\n\n{report.table()}\n")
-        write_json_atomic(os.path.join(folder, "prune.json"), info, sort_keys=False)
-        save_checkpoint(folder, LABEL, {f"model.{k}": v for k, v in model.state_dict().items()},
-                        {"model_spec": self.spec, "config": self.cfg.to_dict(), "prune": info, "epoch": 0,
-                         "step": 0, "eval_eps": self.cfg.attack.eps, "eval_norm": self.cfg.attack.norm})
+        write_ticket(folder, model, self.spec, self.cfg, info, f"{info['method']} at density {mask.density():.4f}")
 
     def ticket_mask(self, folder: str):
-        from .prune.ticket import load_ticket
-        from .sparse import Mask
-        state, _ = load_ticket(folder)
-        return Mask({k[:-len("_mask")]: v for k, v in state.items() if k.endswith(".weight_mask")})
+        return ticket_mask(load_ticket(folder)[0])
 
     # training stages -------------------------------------------------------------------------------------
     def train(self, ticket_dir: str, run_dir: str, epochs: int, lr: float | None = None, stage: str = "train") -> dict:
@@ -150,7 +135,7 @@ class Pipeline:
     def write_stage_cost(self, name: str, cost: dict) -> None:
         costs = self._stage_costs()
         costs[name] = cost
-        _write_json(self.path("stages.json"), costs)
+        write_json_atomic(self.path("stages.json"), costs, sort_keys=False)
 
     def read_stage_cost(self, name: str) -> dict:
         return self._stage_costs()[name]
@@ -163,13 +148,8 @@ class Pipeline:
             return json.load(fh)
 
 
-def _write_json(path: str, data) -> None:
-    write_json_atomic(path, data, sort_keys=False)
-
-
 def _check_pretrained(path: str, cfg: RunConfig) -> dict:
     """Refuse a pre-trained run that cannot serve ``cfg``; return its identity (path and best weights' hash)."""
-    from .train.trainer import model_spec
     if not os.path.isdir(path):
         raise UserError(f"--pretrained {path} is not a run folder")
     meta = read_meta(find_checkpoint(path, prefer="best"))
@@ -219,7 +199,6 @@ def posttrain(cfg: RunConfig | None, out: str, method: str | None = None, densit
     instead of pre-training one in ``out/pretrain``. ``suite``: the final evaluation (default ``cfg.eval.suite``;
     ``"none"`` skips it). ``resume`` with ``cfg=None`` continues the request saved in ``out``.
     """
-    from .eval.evaluator import parse_suite
     request_path = os.path.join(out, REQUEST)
     saved = None
     if os.path.exists(request_path):
@@ -258,7 +237,6 @@ def posttrain(cfg: RunConfig | None, out: str, method: str | None = None, densit
     elif not holds_nothing_but(out, REQUEST):
         raise UserError(f"{out} already exists and is not a posttrain run; pick another --out")
     else:
-        from .train.trainer import load_split
         load_split(cfg, "train")  # a missing dataset is refused before the folder exists
         os.makedirs(out, exist_ok=True)
         write_yaml_atomic(request_path, request)  # read back on every rerun: never half-written
@@ -278,9 +256,7 @@ def posttrain(cfg: RunConfig | None, out: str, method: str | None = None, densit
         for o in outcomes:
             pipe.say(f"evaluating {method} at density {o.density:g}: {suite}")
             evals[o.density] = eval_stage(o.run_dir, suite, progress=progress)
-    _write_json(os.path.join(out, "cost.json"), {f"{o.density:g}": {"run": o.run_dir, "stages": o.stages,
+    write_json_atomic(os.path.join(out, "cost.json"), {f"{o.density:g}": {"run": o.run_dir, "stages": o.stages,
                                                                     **total_cost(o.stages)} for o in outcomes})
     return PosttrainResult(out, method, outcomes, evals)
 
-
-from .prune import hydra, imp, lwm  # noqa: E402,F401  (register the pipelines)

@@ -2,7 +2,7 @@
 
     <out>/grid/              dense PGD-AT and every at-init method (AWT included) at one density (compare.py)
     <out>/smart/             SMART, trained once (train.method=smart)
-    <out>/sweep/             SMART at every λ next to dense PGD-AT, one evaluator (ofa/sweep.py)
+    <out>/sweep/             SMART at every λ next to dense PGD-AT, one evaluator (pipelines/sweep.py)
     <out>/autoattack.json    full AutoAttack for dense, the AWT ticket and SMART at λ = 0 and λ = 1
     <out>/report.md          the tables, density_robustness.png and tradeoff.png
 
@@ -18,8 +18,11 @@ import os
 import sys
 import time
 
-from .config import RunConfig
-from .errors import UserError
+from ..api import evaluate_run
+from ..config import RunConfig
+from ..errors import UserError
+from ..runs.atomic import write_json_atomic, write_text_atomic
+from ..train.stages import train_stage
 
 METHODS = ("random", "magnitude", "snip", "grasp", "synflow", "ntt", "awt")
 
@@ -30,13 +33,11 @@ def _say(msg: str) -> None:
 
 def _final_eval(path: str, key: str, suite: str, results: dict, results_path: str, lam=None) -> None:
     """Evaluate ``path`` (at ``lam`` for a once-for-all run) with ``suite`` once; resumable through a state file."""
-    from .cli import run_eval
-    from .runs.atomic import write_json_atomic
     if key in results:
         return
     _say(f"{key}: {suite}")
     state = os.path.join(os.path.dirname(results_path), f".state-{key.replace(' ', '_').replace('=', '')}.json")
-    result, _ = run_eval(path, suite=suite, state=state, lam=lam)
+    result, _ = evaluate_run(path, suite=suite, state=state, lam=lam)
     results[key] = result.to_dict()
     write_json_atomic(results_path, results, sort_keys=False)
 
@@ -45,8 +46,8 @@ def run_story(cfg: RunConfig, out: str, density: float = 0.05, methods=METHODS, 
               final_suite: str | None = "clean,pgd-20,autoattack", lams: str = "0:1:0.2",
               progress: bool = True) -> str:
     """Run (or continue) the demo in ``out``; returns the report's path. ``final_suite=None`` skips AutoAttack."""
-    from .compare import _train_cell, run_compare
-    from .ofa.sweep import sweep
+    from .compare import run_compare
+    from .sweep import sweep
 
     if not 0 < density < 1:
         raise UserError(f"the demo's density must lie in (0, 1), got {density}")
@@ -60,7 +61,7 @@ def run_story(cfg: RunConfig, out: str, density: float = 0.05, methods=METHODS, 
     smart_cfg = copy.deepcopy(cfg)
     smart_cfg.train.method = "smart"
     smart_dir, dense_dir = os.path.join(out, "smart"), os.path.join(out, "grid", "dense")
-    clock["smart"] = _train_cell(smart_cfg, smart_dir, progress)
+    clock["smart"] = train_stage(smart_cfg, smart_dir, progress)
 
     _say(f"3/4 lambda sweep ({lams}) of SMART next to dense PGD-AT")
     t = time.perf_counter()
@@ -108,6 +109,5 @@ def _write_report(out: str, cfg: RunConfig, density: float, rows: list[dict], fi
               "## Wall time (this machine)", "",
               " · ".join(f"{k} {v / 60:.1f} min" for k, v in clock.items()), ""]
     path = os.path.join(out, "report.md")
-    with open(path, "w") as fh:
-        fh.write("\n".join(lines))
+    write_text_atomic(path, "\n".join(lines))  # read back by a rerun (and the scan of tests/test_checkpoint_safety)
     return path

@@ -24,7 +24,7 @@ def add_sweep_parser(sub) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from .ofa.sweep import sweep
+    from ..pipelines.sweep import sweep
     out = args.out or os.path.join(args.runs[0], "sweep")
     sweep(args.runs, args.lams, args.suite, out, mix=args.mix, eps=args.eps, n=args.n, which=args.which,
           split=args.split, batch_size=args.batch_size, progress=not args.no_progress)

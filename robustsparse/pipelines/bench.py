@@ -31,6 +31,7 @@ and, where the CPU/GPU has it, bf16.
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import platform
 import statistics
@@ -39,10 +40,18 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .errors import UserError
-from .runs.atomic import write_json_atomic
-from .runs.machine import device_peak
-from .train.skilled_loop import SkilledLoop
+from ..config import RunConfig, parse_model_options
+from ..errors import UserError
+from ..models import build_model
+from ..runs.atomic import write_json_atomic
+from ..runs.machine import device_peak
+from ..sparse import apply_mask, masks_from_scores, prunable_parameters, sparsity_report
+from ..train.engine import Engine
+from ..train.loop import StepCounts, run_steps, seeded_batches
+from ..train.objectives import build_objective
+from ..train.skilled_loop import SkilledLoop
+from ..utils.device import resolve_device
+from ..utils.progress import progress_bar
 
 BENCH_FORMAT = "robustsparse-bench/1"
 EPS = 8 / 255
@@ -129,7 +138,6 @@ class PlainLoop:
 
 
 def bench_config(steps: int):
-    from .config import RunConfig
     cfg = RunConfig()
     cfg.train.method = "pgd_at"
     cfg.attack.eps, cfg.attack.steps, cfg.attack.norm, cfg.attack.random_start = EPS, steps, "Linf", True
@@ -137,31 +145,27 @@ def bench_config(steps: int):
 
 
 class OurLoop:
+    """The trainer's loop (train/loop.py: seeded batches, LR, ``engine.step``, device-side counts), endless over
+    epochs, without augmentation (the plain loop has none either)."""
+
     def __init__(self, model, x, y, batch: int, steps: int, engine, seed: int = 0):
-        from .train.objectives import build_objective
         self.engine, self.batch, self.seed = engine, batch, seed
         self.model = model
         self.objective = build_objective(engine.prepare_model(model), bench_config(steps))
         self.optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
         self.x, self.y = x.to(engine.device), y.to(engine.device)
-        self.step_count = 0
-        self.loss_sum = torch.zeros((), device=engine.device, dtype=torch.float64)
+        self.counts = StepCounts(engine.device)  # stays on the device, as in the trainer
+        self._batches = self._endless()
+
+    def _endless(self):
+        per_epoch = len(self.y) // self.batch
+        for epoch in itertools.count():
+            yield from seeded_batches(self.x, self.y, self.seed, epoch, 0, per_epoch, self.batch)
 
     def run(self, iters: int) -> None:
-        from .train.trainer import step_seed
-        n = len(self.y)
-        per_epoch = n // self.batch
         self.model.train()
-        for _ in range(iters):
-            epoch, step = divmod(self.step_count, per_epoch)
-            if step == 0:
-                gen = torch.Generator().manual_seed(step_seed(self.seed, epoch, -1))
-                self.perm = torch.randperm(n, generator=gen).to(self.engine.device)
-            torch.manual_seed(step_seed(self.seed, epoch, step))
-            idx = self.perm[step * self.batch:(step + 1) * self.batch]
-            out = self.engine.step(self.objective, self.optimizer, self.x[idx], self.y[idx])
-            self.loss_sum += out.loss.detach()  # stays on the device, as in the trainer
-            self.step_count += 1
+        run_steps(itertools.islice(self._batches, iters), self.engine, self.objective, self.optimizer, self.counts,
+                  lambda _: LR)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -171,7 +175,6 @@ def time_loops(loops: dict, batch: int, iters: int, warmup: int, repeats: int, d
                progress: bool = False, desc: str = "bench") -> dict:
     """Warm each loop up, then time ``repeats`` rounds of ``iters`` steps per loop, the order rotating every round
     (drift on a shared machine then hits every loop alike); per loop: the median block's images/s and all blocks."""
-    from .progress import progress_bar
     seconds: dict[str, list[float]] = {k: [] for k in loops}
     names = list(loops)
     total = len(loops) * (repeats + (warmup > 0))
@@ -203,11 +206,6 @@ def run_bench(model: str = "cnn", input_shape=(1, 8, 8), batch: int = 64, steps:
               compile: bool = False, threads: int | None = None, density: float | None = None, seed: int = 0,
               progress: bool = True) -> dict:
     """Time both loops (see the module docstring) and return the JSON-ready result."""
-    from .models import build_model
-    from .sparse import sparsity_report
-    from .train.engine import Engine
-    from .train.trainer import resolve_device
-
     for name, value, lo in (("batch", batch, 1), ("steps", steps, 1), ("iters", iters, 1), ("warmup", warmup, 0),
                             ("repeats", repeats, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or value < lo:
@@ -222,7 +220,6 @@ def run_bench(model: str = "cnn", input_shape=(1, 8, 8), batch: int = 64, steps:
     torch.manual_seed(seed)
     base = build_model(model, input_shape[0], num_classes, input_shape[1:], **(model_options or {})).to(dev)
     if density is not None:  # both loops then run the masked model (mask hooks included)
-        from .sparse import apply_mask, masks_from_scores, prunable_parameters
         apply_mask(base, masks_from_scores({k: p.abs() for k, p in prunable_parameters(base).items()}, density))
     macs = sparsity_report(base, input_shape).dense_macs
     flops_per_image = 2 * macs * 3 * (steps + 1)
@@ -303,21 +300,6 @@ def format_table(r: dict) -> str:
     if r.get("load_average"):
         lines.append(f"Load average at the end: {', '.join(f'{v:.2f}' for v in r['load_average'])}.")
     return "\n".join(lines)
-
-
-def parse_model_options(items) -> dict:
-    """``--model-option KEY=VALUE`` items (values parsed as YAML) -> build_model options."""
-    import yaml
-    options = {}
-    for item in items or []:
-        if "=" not in item:
-            raise UserError(f"--model-option {item!r} must look like KEY=VALUE (e.g. width=64)")
-        key, raw = item.split("=", 1)
-        try:
-            options[key.strip()] = yaml.safe_load(raw)
-        except yaml.YAMLError as exc:
-            raise UserError(f"--model-option {item!r}: the value is not valid YAML") from exc
-    return options
 
 
 def bench_command(args) -> int:

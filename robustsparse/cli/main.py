@@ -19,7 +19,11 @@ import json
 import os
 import sys
 
-from .errors import UserError
+from ..errors import UserError
+from .bench import add_bench_parser, cmd_bench
+from .export import add_export_parser, cmd_export
+from .posttrain import add_posttrain_parser, cmd_posttrain
+from .sweep import add_sweep_parser, cmd_sweep
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,25 +94,21 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     sub.add_parser("configs", help="list the configs shipped with the library")
-    from .cli_posttrain import add_posttrain_parser
     add_posttrain_parser(sub)
-    from .cli_sweep import add_sweep_parser
     add_sweep_parser(sub)
-    from .cli_bench import add_bench_parser
     add_bench_parser(sub)
-    from .cli_export import add_export_parser
     add_export_parser(sub)
     return p
 
 
 def _version() -> str:
-    from . import __version__
+    from .._version import __version__
     return f"robustsparse {__version__}"
 
 
 def cmd_train(args) -> int:
-    from .config import load_config
-    from .train import train
+    from ..config import load_config
+    from ..train import train
 
     cfg = None
     if args.config is not None and "=" in args.config and not os.path.exists(args.config):
@@ -129,51 +129,22 @@ def cmd_train(args) -> int:
     return 0
 
 
-def run_eval(path, suite=None, eps=None, norm=None, split=None, n=None, which="best", data_root=None,
-             batch_size=None, seed=0, state=None, progress=True, lam=None, mix=None):
-    """Evaluate a run/checkpoint on its own dataset with the run's threat model unless overridden."""
-    import robustsparse as rs
-    from .config import config_from_dict
-    from .train.trainer import load_split
-
-    meta = rs.load_meta(path, which)
-    cfg = config_from_dict(meta["config"])
-    if data_root is not None:
-        cfg.data.root = data_root
-    model = rs.load(path, which=which, device=_eval_device(), lam=lam, mix=mix)
-    x, y = load_split(cfg, cfg.eval.split if split is None else split)
-    if n is not None:
-        if n < 1:
-            raise UserError(f"--n must be >= 1, got {n}")
-        x, y = x[:n], y[:n]
-    if eps is None:
-        eps = cfg.eval.eps if cfg.eval.eps is not None else cfg.attack.eps
-    return rs.evaluate(model, x, y, suite=cfg.eval.suite if suite is None else suite, eps=eps,
-                       norm=norm or cfg.attack.norm, num_classes=meta["model_spec"]["num_classes"],
-                       batch_size=batch_size or cfg.eval.batch_size, seed=seed, state_path=state,
-                       progress=progress), cfg
-
-
-def _eval_device():
-    import torch
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def cmd_eval(args) -> int:
+    from ..api import evaluate_run  # deferred: `robustsparse configs` and --help stay fast (no torch import)
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.eps is not None:
-        from .eval import parse_eps
+        from ..eval import parse_eps
         args.eps = parse_eps(args.eps)  # "8/255" or a number; a bad one is a one-line UserError
     if args.model is not None or args.weights is not None or args.data is not None:
-        from .eval.external import evaluate_cli_args  # a model built elsewhere (eval/external.py)
+        from ..eval.external import evaluate_cli_args  # a model built elsewhere (eval/external.py)
         result, label = evaluate_cli_args(args), f"{args.model} with {args.weights} on {args.data}"
     elif args.path is None:
         raise UserError("eval needs a RUN (folder or checkpoint), or --model, --weights and --data")
     else:
-        result, _ = run_eval(args.path, args.suite, args.eps, args.norm, args.split, args.n, args.which,
-                             args.data_root, args.batch_size, args.seed, args.state, progress=not args.no_progress,
-                             lam=args.lam, mix=args.mix)
+        result, _ = evaluate_run(args.path, args.suite, args.eps, args.norm, args.split, args.n, args.which,
+                                 args.data_root, args.batch_size, args.seed, args.state,
+                                 progress=not args.no_progress, lam=args.lam, mix=args.mix)
         label = args.path
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
@@ -195,8 +166,8 @@ def _new_demo_dir() -> str:
 
 
 def cmd_demo(args) -> int:
-    from .config import load_config
-    from .story import run_story
+    from ..config import load_config
+    from ..pipelines.demo import run_story
 
     out = args.out or _new_demo_dir()
     cfg = load_config("digits_pgdat", args.overrides)
@@ -214,8 +185,8 @@ def _with_flags(overrides, **flags):
 
 
 def cmd_prune(args) -> int:
-    from .config import load_config
-    from .prune.ticket import prune_to_folder
+    from ..config import load_config
+    from ..pipelines.ticket import prune_to_folder
 
     overrides = _with_flags(args.overrides, **{"prune.method": args.method, "prune.density": args.density})
     if args.config is None and not args.resume:
@@ -232,8 +203,8 @@ def cmd_prune(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from .compare import run_compare, run_compare_seeds
-    from .config import load_config
+    from ..pipelines.compare import run_compare, run_compare_seeds
+    from ..config import load_config
 
     cfg = load_config(args.config, args.overrides)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -257,32 +228,12 @@ def cmd_compare(args) -> int:
 
 
 def cmd_configs(args) -> int:
-    from .configs import shipped_descriptions
+    from ..configs import shipped_descriptions
     rows = shipped_descriptions()
     width = max((len(name) for name, _ in rows), default=0)
     for name, desc in rows:
         print(f"{name:<{width}}  {desc}")
     return 0
-
-
-def _cmd_posttrain(args) -> int:
-    from .cli_posttrain import cmd_posttrain
-    return cmd_posttrain(args)
-
-
-def _cmd_sweep(args) -> int:
-    from .cli_sweep import cmd_sweep
-    return cmd_sweep(args)
-
-
-def _cmd_export(args) -> int:
-    from .cli_export import cmd_export
-    return cmd_export(args)
-
-
-def _cmd_bench(args) -> int:
-    from .cli_bench import cmd_bench
-    return cmd_bench(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,11 +244,11 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = list(args.overrides or []) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    from .threads import configure_threads
+    from ..utils.threads import configure_threads
     configure_threads()  # no more torch threads than the cores this process may use (threads.py)
     handler = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "configs": cmd_configs,
-               "prune": cmd_prune, "compare": cmd_compare, "posttrain": _cmd_posttrain, "sweep": _cmd_sweep,
-               "bench": _cmd_bench, "export": _cmd_export}[args.command]
+               "prune": cmd_prune, "compare": cmd_compare, "posttrain": cmd_posttrain, "sweep": cmd_sweep,
+               "bench": cmd_bench, "export": cmd_export}[args.command]
     try:
         return handler(args)
     except UserError as exc:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def add_bench_parser(sub) -> None:
@@ -47,7 +47,7 @@ def add_bench_parser(sub) -> None:
                    help="measure inference latency of the dense vs the exported sparse model instead")
     b.add_argument("--no-progress", action="store_true", help="no progress bars")
     try:  # --run, --structure, --mask, ... (only --inference reads them)
-        from .export.bench import add_inference_arguments
+        from ..export.bench import add_inference_arguments
     except ImportError:  # the training benchmark does not need the export package
         return
     add_inference_arguments(b)
@@ -58,9 +58,9 @@ def cmd_bench(args) -> int:
         raise UserError(f"--json {args.json}: folder {os.path.dirname(os.path.abspath(args.json))} does not exist")
     if args.inference:
         try:
-            from .export import bench_inference
+            from ..export import bench_inference
         except ImportError as exc:
             raise UserError(f"export not available ({exc}); `bench --inference` needs robustsparse.export") from exc
         return bench_inference(args) or 0
-    from .bench import bench_command
+    from ..pipelines.bench import bench_command
     return bench_command(args)

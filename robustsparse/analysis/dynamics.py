@@ -16,8 +16,8 @@ import os
 import torch
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError
-from .runs.atomic import replace_durably, savefig_atomic
+from ..errors import UserError
+from ..runs.atomic import replace_durably, savefig_atomic
 
 FILE = "dynamics.safetensors"
 PROBE_POINTS = 16
@@ -25,8 +25,8 @@ PROBE_POINTS = 16
 
 def make_probe(cfg, dense_init) -> torch.Tensor:
     """The fixed adversarial probe set of a config (deterministic given data, seed and attack)."""
-    from .attacks.pgd import PGD
-    from .train.trainer import load_split
+    from ..attacks.pgd import PGD
+    from ..data import load_split
     x, y = load_split(cfg, "val")
     if len(y) == 0:
         x, y = load_split(cfg, "train")
@@ -84,8 +84,8 @@ def _load(run_dir: str) -> dict:
 
 def plot_dynamics(runs: dict[str, str], dense_dir: str, path: str) -> str:
     """One figure: NTK distance, output distance and val robust accuracy per epoch for each run vs dense."""
-    from .report import plt
-    from .runs.logger import read_metrics
+    from ..runs.plots import plt
+    from ..runs.logger import read_metrics
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for label, run_dir in runs.items():
         rows = dynamics_distances(run_dir, dense_dir)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from .errors import UserError
+from ..errors import UserError
 
 
 def add_posttrain_parser(sub) -> None:
@@ -41,9 +41,9 @@ def _parse_density(text: str | None):
 
 
 def cmd_posttrain(args) -> int:
-    from .compare_after import group_rounds
-    from .config import load_config
-    from .posttrain import posttrain, total_cost
+    from ..config import load_config
+    from ..posttrain import posttrain
+    from ..runs.costs import group_rounds, total_cost
 
     if args.config is not None and "=" in args.config and not os.path.exists(args.config):
         args.overrides.insert(0, args.config)  # `posttrain k=v --resume`: the first override landed in CONFIG

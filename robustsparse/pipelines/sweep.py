@@ -18,10 +18,17 @@ import json
 import os
 import textwrap
 
+import torch
+
+from ..api import load, load_meta
+from ..config import config_from_dict
+from ..data import load_split
 from ..errors import UserError
+from ..eval.evaluator import evaluate, parse_suite
+from ..ofa.base import check_lambda
+from ..ofa.cost import cost_table, path_cost
 from ..runs.atomic import savefig_atomic, write_json_atomic, write_text_atomic
-from .base import check_lambda
-from .cost import cost_table, path_cost
+from ..train.spec import build_from_spec
 
 FORMAT = "robustsparse-sweep/1"
 
@@ -46,8 +53,6 @@ def parse_lams(text: str) -> list[float]:
 
 
 def _run_info(run: str, which: str) -> dict:
-    from ..api import load_meta
-    from ..config import config_from_dict
     if not os.path.exists(run):
         raise UserError(f"{run} does not exist (expected a run folder or checkpoint)")
     meta = load_meta(run, which)
@@ -72,15 +77,7 @@ def _save(path: str, data: dict) -> None:
     write_json_atomic(path, data, sort_keys=False)
 
 
-def sweep(runs: list[str], lams: list[float] | str = "0:1:0.1", suite: str = "clean,pgd-20", out: str | None = None,
-          mix: str | None = None, eps: float | None = None, n: int | None = None, which: str = "best",
-          split: str | None = None, batch_size: int | None = None, seed: int = 0, progress: bool = True) -> dict:
-    """Evaluate every run (each once-for-all run at every λ in ``lams``) and write sweep.json/md and tradeoff.png
-    in ``out``; returns the sweep.json content. ``mix`` overrides SMART runs' ``ofa.mix``."""
-    from ..api import load
-    from ..eval.evaluator import evaluate, parse_suite
-    from ..train.trainer import build_from_spec, load_split
-
+def _check_request(runs, lams, suite: str, n, mix) -> tuple[list[float], list[str]]:
     if isinstance(runs, str) or not runs:
         raise UserError("sweep needs a list of one or more run folders")
     lams = parse_lams(lams) if isinstance(lams, str) else sorted(set(check_lambda(v) for v in lams))
@@ -89,7 +86,11 @@ def sweep(runs: list[str], lams: list[float] | str = "0:1:0.1", suite: str = "cl
         raise UserError(f"n must be a positive integer, got {n!r}")
     if mix is not None and mix not in ("switch", "weight", "logit"):
         raise UserError(f"mix must be switch, weight or logit, got {mix!r}")
-    infos = [_run_info(r, which) for r in runs]
+    return lams, items
+
+
+def _common_threat(infos: list[dict], eps: float | None) -> float:
+    """The one ε every run is evaluated at: ``eps`` or, if all runs agree, theirs; the runs must share data."""
     first = infos[0]["cfg"]
     for info in infos[1:]:
         c = info["cfg"]
@@ -100,13 +101,11 @@ def sweep(runs: list[str], lams: list[float] | str = "0:1:0.1", suite: str = "cl
     if eps is None and len(run_eps) > 1:
         raise UserError(f"the runs were trained at different eps ({sorted(run_eps)}); pass eps= (--eps) to compare "
                         "them under one threat model")
-    eps = float(eps if eps is not None else run_eps.pop())
-    norm = first.attack.norm
-    split = split or first.eval.split
-    out = out or os.path.join(runs[0], "sweep")
-    settings = {"format": FORMAT, "data": first.data.name, "split": split, "n": n, "eps": eps, "norm": norm,
-                "seed": seed, "which": which}
-    path = os.path.join(out, "sweep.json")
+    return float(eps if eps is not None else run_eps.pop())
+
+
+def _open_sweep(path: str, settings: dict) -> dict:
+    """sweep.json as far as it got (a rerun continues it), refused if written with other settings."""
     data = {"settings": settings, "points": []}
     if os.path.exists(path):
         with open(path) as fh:
@@ -114,46 +113,71 @@ def sweep(runs: list[str], lams: list[float] | str = "0:1:0.1", suite: str = "cl
         if data.get("settings") != settings:
             raise UserError(f"{path} was written with other settings ({data.get('settings')}); use another --out "
                             f"for {settings}")
+    return data
+
+
+def _evaluate_run_at(info: dict, label: str, lam, run_mix, ctx: dict) -> None:
+    """Fill in (or finish) the sweep point of one run at one λ: its cost and every suite item not yet done,
+    sweep.json rewritten after each item (an interrupted sweep loses at most one)."""
+    data, points, out, path = ctx["data"], ctx["points"], ctx["out"], ctx["path"]
+    spec = info["meta"]["model_spec"]
+    key = (info["path"], lam, run_mix)
+    point = points.get(key)
+    if point is None:
+        point = {"path": info["path"], "label": label, "method": info["method"], "lam": lam, "mix": run_mix,
+                 "accuracy": {}, "attacks": {}, "warnings": []}
+        points[key] = point
+        data["points"].append(point)
+    point["label"] = label
+    todo = [i for i in ctx["items"] if i not in point["accuracy"]]
+    if not todo and "cost" in point:
+        return
+    model = load(info["path"], which=ctx["which"], device=ctx["device"], lam=lam,
+                 mix=run_mix if info["method"] == "smart" else None)
+    point["cost"] = path_cost(model, (spec["in_channels"], *spec["input_size"]), ctx["conditional"]).to_dict()
+    x, y = ctx["xy"]
+    for item in todo:
+        lam_txt = "plain" if lam is None else f"lam{lam:g}"
+        state = os.path.join(out, "state", f"{label}-{lam_txt}-{run_mix or 'na'}-{item}.json")
+        res = evaluate(model, x, y, suite=item, eps=ctx["eps"], norm=ctx["norm"], num_classes=spec["num_classes"],
+                       batch_size=ctx["batch_size"] or info["cfg"].eval.batch_size, seed=ctx["seed"],
+                       state_path=state, progress=ctx["progress"])
+        point["accuracy"][item] = res.accuracy[item]
+        point["attacks"][item] = res.attacks[item]
+        point["warnings"] = sorted(set(point["warnings"]) | set(res.warnings))
+        _save(path, data)
+    _save(path, data)
+
+
+def sweep(runs: list[str], lams: list[float] | str = "0:1:0.1", suite: str = "clean,pgd-20", out: str | None = None,
+          mix: str | None = None, eps: float | None = None, n: int | None = None, which: str = "best",
+          split: str | None = None, batch_size: int | None = None, seed: int = 0, progress: bool = True) -> dict:
+    """Evaluate every run (each once-for-all run at every λ in ``lams``) and write sweep.json/md and tradeoff.png
+    in ``out``; returns the sweep.json content. ``mix`` overrides SMART runs' ``ofa.mix``."""
+    lams, items = _check_request(runs, lams, suite, n, mix)
+    infos = [_run_info(r, which) for r in runs]
+    eps = _common_threat(infos, eps)
+    first = infos[0]["cfg"]
+    norm = first.attack.norm
+    split = split or first.eval.split
+    out = out or os.path.join(runs[0], "sweep")
+    settings = {"format": FORMAT, "data": first.data.name, "split": split, "n": n, "eps": eps, "norm": norm,
+                "seed": seed, "which": which}
+    path = os.path.join(out, "sweep.json")
+    data = _open_sweep(path, settings)
     x, y = load_split(first, split)
     if n is not None:
         x, y = x[:n], y[:n]
     os.makedirs(os.path.join(out, "state"), exist_ok=True)
-    device = "cuda" if __import__("torch").cuda.is_available() else "cpu"
-
-    points = {(p["path"], p["lam"], p["mix"]): p for p in data["points"]}
+    ctx = {"data": data, "points": {(p["path"], p["lam"], p["mix"]): p for p in data["points"]}, "out": out,
+           "path": path, "items": items, "which": which, "device": "cuda" if torch.cuda.is_available() else "cpu",
+           "xy": (x, y), "eps": eps, "norm": norm, "batch_size": batch_size, "seed": seed, "progress": progress}
     for info, label in zip(infos, _labels(runs)):
         spec = info["meta"]["model_spec"]
-        shape = (spec["in_channels"], *spec["input_size"])
-        conditional = build_from_spec(spec) if info["conditional"] else None
-        run_mix = None
-        if info["method"] == "smart":
-            run_mix = mix or spec["ofa"]["options"]["mix"]
+        ctx["conditional"] = build_from_spec(spec) if info["conditional"] else None
+        run_mix = (mix or spec["ofa"]["options"]["mix"]) if info["method"] == "smart" else None
         for lam in (lams if info["conditional"] else [None]):
-            key = (info["path"], lam, run_mix)
-            point = points.get(key)
-            if point is None:
-                point = {"path": info["path"], "label": label, "method": info["method"], "lam": lam, "mix": run_mix,
-                         "accuracy": {}, "attacks": {}, "warnings": []}
-                points[key] = point
-                data["points"].append(point)
-            point["label"] = label
-            todo = [i for i in items if i not in point["accuracy"]]
-            if not todo and "cost" in point:
-                continue
-            model = load(info["path"], which=which, device=device, lam=lam,
-                         mix=run_mix if info["method"] == "smart" else None)
-            point["cost"] = path_cost(model, shape, conditional).to_dict()
-            for item in todo:
-                lam_txt = "plain" if lam is None else f"lam{lam:g}"
-                state = os.path.join(out, "state", f"{label}-{lam_txt}-{run_mix or 'na'}-{item}.json")
-                res = evaluate(model, x, y, suite=item, eps=eps, norm=norm, num_classes=spec["num_classes"],
-                               batch_size=batch_size or info["cfg"].eval.batch_size, seed=seed, state_path=state,
-                               progress=progress)
-                point["accuracy"][item] = res.accuracy[item]
-                point["attacks"][item] = res.attacks[item]
-                point["warnings"] = sorted(set(point["warnings"]) | set(res.warnings))
-                _save(path, data)
-            _save(path, data)
+            _evaluate_run_at(info, label, lam, run_mix, ctx)
     write_outputs(out, data)
     return data
 

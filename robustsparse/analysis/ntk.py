@@ -433,7 +433,7 @@ def _ntk_chunked(model, x1, x2, params, mode, budget_mb: float) -> Tensor:
             and math.isfinite(budget_mb)):
         raise UserError(f"memory_budget_mb must be a positive number of MB, got {budget_mb!r}")
     if chunk_strategy not in _STRATEGIES:
-        raise ValueError(f"robustsparse.ntk.chunk_strategy must be one of {_STRATEGIES}, got {chunk_strategy!r}")
+        raise ValueError(f"robustsparse.analysis.ntk.chunk_strategy must be one of {_STRATEGIES}, got {chunk_strategy!r}")
     count, row_bytes = _param_count_bytes(params)
     if count == 0:
         raise ValueError("params is empty: there is nothing to differentiate w.r.t.")
@@ -515,8 +515,8 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
 
     ``memory_budget_mb``: compute in Jacobian row blocks that together stay under this many MB (see the module
     docstring; `UserError` naming the MB needed if three rows do not fit). Not combinable with
-    ``differentiable=True`` (ValueError). After a chunked call, read ``robustsparse.ntk.last_peak_block_mb`` and
-    ``robustsparse.ntk.last_chunk_info`` as module attributes (a ``from ... import`` copy would not update).
+    ``differentiable=True`` (ValueError). After a chunked call, read ``robustsparse.analysis.ntk.last_peak_block_mb`` and
+    ``robustsparse.analysis.ntk.last_chunk_info`` as module attributes (a ``from ... import`` copy would not update).
     """
     if mode not in _MODES:
         raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
@@ -525,7 +525,7 @@ def empirical_ntk(model: nn.Module, x1: Tensor, x2: Tensor | None = None, *,
                          "pass differentiable=True or memory_budget_mb, not both")
     _check_inputs(x1, x2)
     if masks is None:
-        from .sparse import get_mask
+        from ..sparse import get_mask
         found = get_mask(model)
         masks = {} if found is None else dict(found.items())
     if masks:

@@ -25,7 +25,7 @@ import os
 import torch
 
 from ..sparse import Mask, masks_from_scores, prunable_parameters
-from ..stages import eval_stage
+from ..api import eval_stage
 from .after import Outcome, after_scope, register_after_training
 
 ROUNDS_LOG = "rounds.jsonl"

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..attacks.fgsm import FGSM
-from ..config import RunConfig
-from .objectives import StepOutput, _count, register_objective
+from ...attacks.fgsm import FGSM
+from ...config import RunConfig
+from .base import StepOutput, _count, register_objective
 
 FAST_AT_ALPHA = 1.25  # × eps
 

@@ -1,6 +1,6 @@
 """Score-and-threshold pruners at initialisation: random, magnitude, SNIP, GraSP, SynFlow (method-notes §5.4).
 
-Each scores every prunable weight (scores.py and one file per method), then keeps the top ``density`` fraction
+Each scores every prunable weight (scoring.py and one file per method), then keeps the top ``density`` fraction
 (global by default, as in the Synaptic-Flow code) with the layer-collapse guard of ``masks_from_scores``, in the
 shape ``prune.structure`` asks for (`robustsparse.sparse.structured`). SynFlow is
 iterative: ``synflow_rounds`` rounds with the exponential schedule density^(t/T). The ticket's weights are θ₀.
@@ -11,7 +11,7 @@ import functools
 
 import torch
 
-from ..progress import progress_bar
+from ..utils.progress import progress_bar
 from ..sparse import Mask, apply_mask
 from ..sparse.structured import select_mask, structured_masks
 from . import grasp, magnitude, random_prune, snip, synflow

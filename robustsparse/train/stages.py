@@ -1,4 +1,5 @@
-"""Idempotent, resumable pipeline stages shared by ``compare`` and ``posttrain``: a training run and an evaluation.
+"""The idempotent, resumable training stage shared by ``compare`` and ``posttrain`` (their evaluation stage is
+``api.eval_stage``).
 
 Calling a stage again is always safe: a finished stage returns what it recorded, an interrupted training run
 resumes from its last checkpoint (exactly, see the trainer), and an evaluation resumes from its state file.
@@ -12,14 +13,14 @@ import time
 
 import yaml
 
-from .config import RunConfig
-from .runs.atomic import write_json_atomic
+from ..config import RunConfig
+from ..runs.atomic import write_json_atomic
 
 
 def train_stage(cfg: RunConfig, run_dir: str, progress: bool = True) -> float:
     """Train ``cfg`` into ``run_dir`` unless finished; return the wall seconds of the invocation that finished it
     (recorded in ``train_seconds.json``; time spent in an invocation that was killed is not counted)."""
-    from .train import train
+    from . import train
     started = time.perf_counter()
     if os.path.exists(os.path.join(run_dir, "checkpoints", "last.json")):
         if is_finished(run_dir):
@@ -48,7 +49,7 @@ def recorded_seconds(run_dir: str) -> float:
     if os.path.exists(path):
         with open(path) as fh:
             return json.load(fh)["seconds"]
-    from .runs.logger import read_metrics
+    from ..runs.logger import read_metrics
     return sum(r["seconds"] for r in read_metrics(run_dir))
 
 
@@ -56,18 +57,3 @@ def run_epochs(run_dir: str) -> int:
     """The number of epochs a run folder was configured to train."""
     with open(os.path.join(run_dir, "config.yaml")) as fh:
         return int(yaml.safe_load(fh)["train"]["epochs"])
-
-
-def eval_stage(run_dir: str, suite: str, name: str = "eval", progress: bool = True) -> dict:
-    """Evaluate a run's best checkpoint with ``suite`` into ``<run>/<name>.json`` (resumable via
-    ``<name>-state.json``); a finished evaluation is read back, not recomputed."""
-    from .cli import run_eval
-    path = os.path.join(run_dir, f"{name}.json")
-    if os.path.exists(path):
-        with open(path) as fh:
-            return json.load(fh)
-    result, _ = run_eval(run_dir, suite=suite, state=os.path.join(run_dir, f"{name}-state.json"),
-                         progress=progress)
-    data = result.to_dict()
-    write_json_atomic(path, data, sort_keys=False)
-    return data

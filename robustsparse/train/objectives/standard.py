@@ -1,44 +1,17 @@
-"""Training objectives, one registry: a new objective is one function and one decorator line.
+"""The dense objectives.
 
     standard : L = CE(f(x), y)
     pgd_at   : L = CE(f(x*), y),  x* = PGD-k(x)                                         (Madry et al., 2018)
     trades   : L = CE(f(x), y) + β · KL(softmax f(x) ‖ softmax f(x*)),  x* = KL-PGD-k(x) (Zhang et al., 2019)
-    fgsm_at  : L = CE(f(x*), y),  x* = FGSM with random start, α = 1.25ε  (Wong et al., 2020; in fgsm_at.py)
-
-Attacks run in eval mode with parameter gradients off (attacks/base.py); the loss is then computed in the mode the
-trainer set (train). Accuracy counts stay on the device as tensors so the step never synchronises with the host.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
-import torch
 import torch.nn.functional as F
 
-from ..attacks.pgd import PGD
-from ..attacks.trades import TradesKL
-from ..config import RunConfig
-
-OBJECTIVES: dict[str, Callable] = {}
-
-
-def register_objective(name: str):
-    def wrap(factory):
-        OBJECTIVES[name] = factory
-        return factory
-    return wrap
-
-
-@dataclass
-class StepOutput:
-    loss: torch.Tensor
-    correct_clean: torch.Tensor | None = None  # number of training points classified correctly, clean
-    correct_adv: torch.Tensor | None = None  # ... under the training attack
-
-
-def _count(logits, y):
-    return (logits.argmax(1) == y).sum()
+from ...attacks.pgd import PGD
+from ...attacks.trades import TradesKL
+from ...config import RunConfig
+from .base import Objective, StepOutput, _count, register_objective
 
 
 @register_objective("standard")
@@ -46,7 +19,7 @@ def standard(model, cfg: RunConfig):
     def step(x, y):
         logits = model(x)
         return StepOutput(F.cross_entropy(logits, y), correct_clean=_count(logits.detach(), y))
-    return step
+    return Objective(step, selects_on="val_clean_acc")  # no attack in training: best = clean accuracy
 
 
 @register_objective("pgd_at")
@@ -75,11 +48,3 @@ def trades(model, cfg: RunConfig):
         return StepOutput(loss, correct_clean=_count(logits_clean.detach(), y),
                           correct_adv=_count(logits_adv.detach(), y))
     return step
-
-
-def build_objective(model, cfg: RunConfig):
-    return OBJECTIVES[cfg.train.method](model, cfg)
-
-
-from . import fgsm_at  # noqa: E402,F401  one file per objective; importing it registers it
-from .. import ofa as _ofa  # noqa: E402,F401  once-for-all objectives: oat, float, smart (robustsparse/ofa/)

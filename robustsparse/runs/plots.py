@@ -1,14 +1,12 @@
-"""Plots and the markdown report of a run. Every robust number written names its attack and budget."""
+"""Plots of runs and grids (training curves, density vs robustness). Every robust number names its attack and budget."""
 from __future__ import annotations
-
-import os
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on servers or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .runs.atomic import savefig_atomic, write_text_atomic  # noqa: E402
+from .atomic import savefig_atomic  # noqa: E402
 
 
 def plot_curves(rows: list[dict], path: str) -> str:
@@ -33,31 +31,6 @@ def plot_curves(rows: list[dict], path: str) -> str:
     fig.tight_layout()
     savefig_atomic(fig, path, dpi=110)
     plt.close(fig)
-    return path
-
-
-def write_report(run_dir: str, title: str, config: dict, result, rows: list[dict], extra: str = "") -> str:
-    """``report.md`` in the run folder: setup, the evaluator's table, warnings, and the training curves."""
-    d, m, a, t = config["data"], config["model"], config["attack"], config["train"]
-    lines = [f"# {title}", "",
-             f"- data: `{d['name']}`; model: `{m['name']}` {m['options'] or ''}",
-             f"- training: `{t['method']}`, {t['epochs']} epochs, batch {t['batch_size']}, lr {t['lr']} "
-             f"({t['schedule']}), training attack: {a['steps']}-step {a['norm']} eps={a['eps']:.4g}",
-             f"- evaluated on {result.n} images of the `{config['eval']['split']}` split", "",
-             "## Robustness (the one evaluator)", "", result.table(), ""]
-    if result.autoattack_components:
-        lines += ["AutoAttack cascade, accuracy after each component: " + ", ".join(
-            f"{k} {v:.2%}" for k, v in result.autoattack_components.items()), ""]
-    if result.warnings:
-        lines += ["## Sanity flags", ""] + [f"- {w}" for w in result.warnings] + [""]
-    else:
-        lines += ["Sanity checks (randomness, softmax outputs, zero gradients, black box beating white box, "
-                  "PGD beating AutoAttack): nothing flagged.", ""]
-    if rows:
-        lines += ["## Training curves", "", "![training curves](curves.png)", ""]
-    lines += [extra] if extra else []
-    path = os.path.join(run_dir, "report.md")
-    write_text_atomic(path, "\n".join(lines))
     return path
 
 

@@ -5,7 +5,7 @@ evaluated by the one evaluator, in one table and one density–robustness plot.
     <out>/<method>-d<density>/ticket/ the ticket (robustsparse prune output)
     <out>/<method>-d<density>/run/    its training run and eval.json
     <out>/hydra-d<density>/, lwm-d<density>/, imp/   after-training methods: posttrain folders whose pre-trained
-                                      model is <out>/dense (compare_after.py); imp is one chain for all densities
+                                      model is <out>/dense (after_training_cell below); imp is one chain for all densities
     <out>/results.json, results.md, density_robustness.png
 
 Each cell is skipped when its eval.json exists and resumed when its run was interrupted, so a killed grid is
@@ -15,23 +15,35 @@ batch-norm running statistics of initialisation, (0, 1), under which BN is the i
 ``prune.bn_stats=init``), and with each network's BN statistics on the first ``prune.bn_samples`` training images,
 the normalised network that training's batch-statistics BN sees (``prune.bn_stats=batch``). With
 ``--dynamics`` every run also records the NTK and outputs on that probe each epoch, and dynamics.png overlays each
-ticket's distance to dense over training (dynamics.py).
+ticket's distance to dense over training (analysis/dynamics.py).
 """
 from __future__ import annotations
 
 import copy
 import os
+import shutil
 import sys
 
 import torch
 import yaml
 
-from .compare_after import after_training_cell, cost_cells, dense_cell_config, is_after_training
-from .config import RunConfig
-from .dynamics import make_probe, plot_dynamics
-from .errors import UserError
-from .runs.atomic import write_json_atomic, write_text_atomic, write_yaml_atomic
-from .stages import eval_stage as _eval_run, train_stage as _train_cell
+from ..analysis.dynamics import make_probe, plot_dynamics
+from ..analysis.ntk import empirical_ntk, ntk_distance
+from ..api import eval_stage, load, load_meta
+from ..config import RunConfig, config_from_dict
+from ..data import load_split
+from ..errors import UserError
+from ..models.bn import calibrate_bn
+from ..posttrain import AFTER_TRAINING, posttrain  # importing the package registers hydra, lwm and imp
+from ..prune import PRUNERS
+from ..runs.atomic import write_json_atomic, write_text_atomic, write_yaml_atomic
+from ..runs.costs import cost_cells
+from ..runs.plots import plot_density_robustness
+from ..sparse import load_model_state, sparsity_report
+from ..sparse.ticket import has_ticket, load_ticket
+from ..train.spec import build_from_spec, model_spec
+from ..train.stages import train_stage
+from .ticket import prune_to_folder
 
 COST_NOTE = ("Training cost per stage, then the total. Dense: its PGD-AT. At initialisation: prune (0 epochs) + "
              "PGD-AT of the ticket. hydra/lwm: dense pre-training (the dense row's run, reused) + score stage or "
@@ -49,9 +61,6 @@ def _cell_name(method: str, density: float) -> str:
 
 def ntk_distances_at_init(ticket_state: dict, dense_init, probe, x_bn) -> tuple[float, float]:
     """(distance with BN at its initial statistics, distance with each network's BN statistics on ``x_bn``)."""
-    from .ntk import empirical_ntk, ntk_distance
-    from .prune.search import calibrate_bn
-    from .prune.ticket import load_model_state
     sparse = copy.deepcopy(dense_init)
     load_model_state(sparse, ticket_state)
 
@@ -66,13 +75,7 @@ def ntk_distances_at_init(ticket_state: dict, dense_init, probe, x_bn) -> tuple[
     return at_init, distance(teacher, sparse)
 
 
-def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out: str,
-                suite: str | None = None, progress: bool = True, dynamics: bool = False) -> list[dict]:
-    """Run (or continue) the grid in ``out``; ``dynamics`` records NTK/output dynamics and plots dynamics.png."""
-    from .prune import PRUNERS
-    from .prune.ticket import load_ticket, prune_to_folder
-    from .train.trainer import build_from_spec, load_split, model_spec
-
+def _check_methods(methods: list[str], densities: list[float]) -> None:
     unknown = [m for m in methods if m not in PRUNERS and not is_after_training(m)]
     if unknown:
         raise UserError(f"unknown pruning method(s) {', '.join(unknown)}; known: "
@@ -82,15 +85,14 @@ def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out:
         raise UserError(f"densities must lie in (0, 1]; got {bad}")
     if any(is_after_training(m) for m in methods) and max(densities) >= 1:
         raise UserError("hydra, lwm and imp prune: their densities must be below 1")
-    suite = suite or cfg.eval.suite
-    if dynamics:
-        cfg = copy.deepcopy(cfg)
-        cfg.train.probe_every = 1
+
+
+def _open_grid(cfg: RunConfig, out: str, suite: str) -> None:
+    """``grid.yaml`` binds the folder to (config, suite): a rerun continues the same grid, another is refused."""
     os.makedirs(out, exist_ok=True)
     grid_path = os.path.join(out, "grid.yaml")
     grid = {"config": cfg.to_dict(), "suite": suite}
     if os.path.exists(grid_path):
-        from .config import config_from_dict
         with open(grid_path) as fh:
             saved = yaml.safe_load(fh)
         # resolve through the current schema: fields added since the grid started take their defaults
@@ -99,50 +101,64 @@ def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out:
     else:
         write_yaml_atomic(grid_path, grid)  # read back by every rerun: never half-written
 
+
+def _ticket_cell(cfg: RunConfig, method: str, density: float, out: str, suite: str, dense_init, probe, x_bn,
+                 progress: bool) -> dict:
+    """One at-initialisation cell: prune (or continue a killed search), train the ticket, evaluate; its row."""
+    cell = os.path.join(out, _cell_name(method, density))
+    ticket_dir, run_dir = os.path.join(cell, "ticket"), os.path.join(cell, "run")
+    cell_cfg = copy.deepcopy(cfg)
+    cell_cfg.prune.method, cell_cfg.prune.density = method, density
+    if not has_ticket(ticket_dir):
+        resume = os.path.exists(os.path.join(ticket_dir, "config.yaml"))  # a killed search continues
+        if os.path.isdir(ticket_dir) and not resume:
+            shutil.rmtree(ticket_dir)
+        _say(f"{method} at density {density:g}: pruning")
+        prune_to_folder(cell_cfg, ticket_dir, progress=progress, resume=resume)
+    state, meta = load_ticket(ticket_dir)
+    cell_cfg.train.ticket = ticket_dir
+    _say(f"{method} at density {density:g}: adversarial training of the ticket")
+    seconds = train_stage(cell_cfg, run_dir, progress)
+    dist = ntk_distances_at_init(state, dense_init, probe, x_bn)
+    stages = [{"stage": "prune", "epochs": 0, "seconds": meta["prune"]["seconds"]},
+              {"stage": "adversarial training", "epochs": cell_cfg.train.epochs, "seconds": seconds}]
+    ev = eval_stage(run_dir, suite, progress=progress)
+    return _row(method, density, ev, run_dir, meta["prune"]["seconds"], seconds, dist, stages)
+
+
+def _say(msg: str) -> None:
+    print(f"[compare] {msg}", file=sys.stderr, flush=True)
+
+
+def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out: str,
+                suite: str | None = None, progress: bool = True, dynamics: bool = False) -> list[dict]:
+    """Run (or continue) the grid in ``out``; ``dynamics`` records NTK/output dynamics and plots dynamics.png."""
+    _check_methods(methods, densities)
+    suite = suite or cfg.eval.suite
+    if dynamics:
+        cfg = copy.deepcopy(cfg)
+        cfg.train.probe_every = 1
+    _open_grid(cfg, out, suite)
     spec = model_spec(cfg)
     torch.manual_seed(cfg.train.seed)
     dense_init = build_from_spec(spec).eval()
     probe = make_probe(cfg, dense_init)
     x_bn = load_split(cfg, "train")[0][: cfg.prune.bn_samples].to(probe.device)
-    rows = []
-
-    def say(msg):
-        print(f"[compare] {msg}", file=sys.stderr, flush=True)
 
     dense_dir = os.path.join(out, "dense")
-    say("dense PGD-AT")
-    seconds = _train_cell(dense_cell_config(cfg, methods), dense_dir, progress)
-    rows.append(_row("dense", 1.0, _eval_run(dense_dir, suite, progress=progress), dense_dir, 0.0, seconds, (0.0, 0.0),
-                     [{"stage": "dense training", "epochs": cfg.train.epochs, "seconds": seconds}]))
+    _say("dense PGD-AT")
+    seconds = train_stage(dense_cell_config(cfg, methods), dense_dir, progress)
+    rows = [_row("dense", 1.0, eval_stage(dense_dir, suite, progress=progress), dense_dir, 0.0, seconds, (0.0, 0.0),
+                 [{"stage": "dense training", "epochs": cfg.train.epochs, "seconds": seconds}])]
     for density in densities:
         for method in methods:
-            if is_after_training(method):
-                say(f"{method} at density {density:g}: after training, from the dense cell")
-                run_dir, ev, stages = after_training_cell(cfg, method, density, densities, out, dense_dir, suite,
-                                                          progress)
-                rows.append({**_row(method, density, ev, run_dir, None, None, (None, None), stages),
-                             "family": "after training"})
+            if not is_after_training(method):
+                rows.append(_ticket_cell(cfg, method, density, out, suite, dense_init, probe, x_bn, progress))
                 continue
-            cell = os.path.join(out, _cell_name(method, density))
-            ticket_dir, run_dir = os.path.join(cell, "ticket"), os.path.join(cell, "run")
-            cell_cfg = copy.deepcopy(cfg)
-            cell_cfg.prune.method, cell_cfg.prune.density = method, density
-            if not os.path.exists(os.path.join(ticket_dir, "ticket.json")):
-                resume = os.path.exists(os.path.join(ticket_dir, "config.yaml"))  # a killed search continues
-                if os.path.isdir(ticket_dir) and not resume:
-                    import shutil
-                    shutil.rmtree(ticket_dir)
-                say(f"{method} at density {density:g}: pruning")
-                prune_to_folder(cell_cfg, ticket_dir, progress=progress, resume=resume)
-            state, meta = load_ticket(ticket_dir)
-            cell_cfg.train.ticket = ticket_dir
-            say(f"{method} at density {density:g}: adversarial training of the ticket")
-            seconds = _train_cell(cell_cfg, run_dir, progress)
-            dist = ntk_distances_at_init(state, dense_init, probe, x_bn)
-            stages = [{"stage": "prune", "epochs": 0, "seconds": meta["prune"]["seconds"]},
-                      {"stage": "adversarial training", "epochs": cell_cfg.train.epochs, "seconds": seconds}]
-            ev = _eval_run(run_dir, suite, progress=progress)
-            rows.append(_row(method, density, ev, run_dir, meta["prune"]["seconds"], seconds, dist, stages))
+            _say(f"{method} at density {density:g}: after training, from the dense cell")
+            run_dir, ev, stages = after_training_cell(cfg, method, density, densities, out, dense_dir, suite, progress)
+            rows.append({**_row(method, density, ev, run_dir, None, None, (None, None), stages),
+                         "family": "after training"})
     _write_results(out, rows, suite)
     if dynamics:
         runs = {f"{r['method']} d={r['density']:g}": os.path.join(out, _cell_name(r["method"], r["density"]), "run")
@@ -152,11 +168,9 @@ def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out:
 
 
 def _row(method, density, ev, run_dir, prune_s, train_s, ntk_dists, stages):
-    import robustsparse as rs
-    from .sparse import sparsity_report
-    meta = rs.load_meta(run_dir)
+    meta = load_meta(run_dir)
     spec = meta["model_spec"]
-    report = sparsity_report(rs.load(run_dir), (spec["in_channels"], *spec["input_size"]))
+    report = sparsity_report(load(run_dir), (spec["in_channels"], *spec["input_size"]))
     return {"method": method, "density": density, "accuracy": ev["accuracy"], "attacks": ev["attacks"],
             "worst_case": ev["worst_case"], "nonzero_params": report.nonzero_params,
             "total_params": report.total_params, "sparse_macs": report.sparse_macs, "prune_seconds": prune_s,
@@ -189,7 +203,6 @@ def search_cost_lines(rows: list[dict]) -> str:
 
 
 def _write_results(out: str, rows: list[dict], suite: str) -> None:
-    from .report import plot_density_robustness
     write_json_atomic(os.path.join(out, "results.json"), rows, sort_keys=False)
     items = list(rows[0]["accuracy"])
     head = ["method", "density"] + [rows[0]["attacks"][i] for i in items] + \
@@ -248,7 +261,6 @@ def seed_statistics(per_seed: list[list[dict]]) -> list[dict]:
 
 
 def _write_seed_results(out: str, rows: list[dict], seeds: list[int]) -> None:
-    from .report import plot_density_robustness
     write_json_atomic(os.path.join(out, "results.json"), {"seeds": seeds, "rows": rows}, sort_keys=False)
     items = list(rows[0]["accuracy"])
     head = ["method", "density"] + [rows[0]["attacks"][i] for i in items] + \
@@ -263,3 +275,34 @@ def _write_seed_results(out: str, rows: list[dict], seeds: list[int]) -> None:
             + "\n".join(lines) + "\n\n![density vs robustness (means)](density_robustness.png)\n")
     write_text_atomic(os.path.join(out, "results.md"), text)
     plot_density_robustness(rows, os.path.join(out, "density_robustness.png"))
+
+
+# after-training methods (hydra, lwm, imp) as cells of the grid: a ``posttrain`` pipeline whose pre-trained model
+# is the grid's dense cell (reused, never retrained; its cost is still counted in the cell's total):
+#     <grid>/hydra-d<density>/, <grid>/lwm-d<density>/   posttrain folders (ticket/, finetune/, ...)
+#     <grid>/imp/                                        ONE IMP chain landing on every density of the grid
+
+def is_after_training(method: str) -> bool:
+    return method in AFTER_TRAINING
+
+
+def dense_cell_config(cfg: RunConfig, methods: list[str]) -> RunConfig:
+    """The dense cell keeps the checkpoint IMP rewinds to (``prune.imp_rewind_epoch`` > 0)."""
+    k = cfg.prune.imp_rewind_epoch
+    if "imp" not in methods or not k or k in cfg.train.keep_epochs:
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    cfg.train.keep_epochs = sorted([*cfg.train.keep_epochs, k])
+    return cfg
+
+
+def after_training_cell(cfg: RunConfig, method: str, density: float, densities: list[float], out: str,
+                        dense_dir: str, suite: str, progress: bool) -> tuple[str, dict, list[dict]]:
+    """Run (or read back) one cell; return (final run folder, its evaluation, its cost stages)."""
+    cell_cfg = copy.deepcopy(cfg)
+    cell_cfg.train.probe_every = 0  # dynamics are recorded from initialisation: not meaningful here
+    folder = os.path.join(out, "imp" if method == "imp" else f"{method}-d{density:g}")
+    result = posttrain(cell_cfg, folder, method=method, density=densities if method == "imp" else density,
+                       pretrained=dense_dir, suite=suite, progress=progress)
+    outcome = next(o for o in result.outcomes if o.density == density)
+    return outcome.run_dir, result.evals[outcome.density], outcome.stages
