@@ -32,8 +32,9 @@ import torch.nn.functional as F
 
 import robustsparse as rs
 from robustsparse.config import parse_model_options
-from robustsparse.pipelines.bench import (EPS, LR, MOMENTUM, WEIGHT_DECAY, OurLoop, PlainLoop, cpu_name,
-                                          parse_input_shape, thread_info, time_loops)
+from robustsparse.pipelines.bench import (EPS, LR, MOMENTUM, WEIGHT_DECAY, OurLoop, PlainLoop, parse_input_shape,
+                                          thread_info, time_loops)
+from robustsparse.runs.machine import cpu_name
 from robustsparse.train.engine import Engine
 from robustsparse.train.skilled_loop import SkilledLoop
 

@@ -74,8 +74,8 @@ def test_a_run_records_the_precision_and_why(tmp_path, monkeypatch, native):
     monkeypatch.setattr(precision, "cpu_bf16_support", lambda: "cpu has avx512_bf16" if native else None)
     out = str(tmp_path / "run")
     cfg = load_config("digits_pgdat", ["train.epochs=1", "model.options={width: 4}", "attack.steps=1",
-                                       "train.val_attack_steps=1", "train.batch_size=256", "data.val_size=40"])
-    assert cfg.train.amp == "auto"
+                                       "train.val_attack_steps=1", "train.batch_size=256", "data.val_size=40",
+                                       "train.amp=auto"])  # digits_pgdat pins fp32 (overhead-bound at 8x8)
     rs.train(cfg, out, progress=False)
     with open(os.path.join(out, "run.json")) as fh:
         recorded = json.load(fh)["engine"]

@@ -33,7 +33,6 @@ from __future__ import annotations
 import copy
 import itertools
 import os
-import platform
 import statistics
 import time
 
@@ -44,7 +43,7 @@ from ..config import RunConfig, parse_model_options
 from ..errors import UserError
 from ..models import build_model
 from ..runs.atomic import write_json_atomic
-from ..runs.machine import device_peak
+from ..runs.machine import cpu_name, device_peak
 from ..sparse import apply_mask, masks_from_scores, prunable_parameters, sparsity_report
 from ..train.engine import Engine
 from ..train.loop import StepCounts, run_steps, seeded_batches
@@ -66,17 +65,6 @@ def parse_input_shape(text: str) -> tuple[int, int, int]:
     if len(shape) != 3 or min(shape) < 1:
         raise UserError(f"--input-shape must be C,H,W (three positive integers, e.g. 3,32,32), got {text!r}")
     return shape
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def thread_info() -> dict:

@@ -22,6 +22,8 @@ CUDA peaks are the spec sheet's dense numbers (no sparsity) for the GPUs we know
 from __future__ import annotations
 
 import os
+import platform
+import re
 
 import torch
 
@@ -109,3 +111,24 @@ def device_peak(device: torch.device, threads: int | None = None) -> dict:
                     "bf16": bf16, "formula": "spec sheet, dense (no sparsity); fp32 = TF32 tensor cores where "
                                              "cuDNN may use them (torch's default for convolutions)"}
     return {"model": name, "fp32": None, "bf16": None, "formula": "unknown GPU: no peak on record"}
+
+
+def cpu_name() -> str:
+    return cpuinfo().get("model") or platform.processor() or platform.machine()
+
+
+MACHINE_FEATURES = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx512_fp16",
+                    "amx_tile", "amx_bf16", "amx_int8")
+
+
+def machine_line() -> str:
+    """One line naming the CPU, its SIMD/matrix features, torch's ATen CPU capability and its MKL/oneDNN versions:
+    what decides which kernels (and so which float reduction order) a run gets. ``.ci/run`` prints it first."""
+    flags = cpuinfo().get("flags", set())
+    features = " ".join(f for f in MACHINE_FEATURES if f in flags) or "none listed"
+    config = torch.__config__.show()
+    libraries = [m.group(0) for m in (re.search(r"Math Kernel Library Version [\w.\-]+", config),
+                                      re.search(r"MKL-DNN v[\d.]+", config)) if m]
+    return (f"machine: {cpu_name()}; {len(os.sched_getaffinity(0))} cores usable; features {features}; "
+            f"torch {torch.__version__} (ATen CPU capability {torch.backends.cpu.get_cpu_capability()}; "
+            f"{', '.join(libraries) or 'no MKL/oneDNN'})")

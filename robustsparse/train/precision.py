@@ -17,19 +17,15 @@ from __future__ import annotations
 
 import torch
 
+from ..runs.machine import cpuinfo
+
 CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")  # in order of preference for the reason string
 
 
 def cpu_flags(path: str = "/proc/cpuinfo") -> set[str] | None:
     """The CPU feature flags the kernel reports (first ``flags`` line), or None where there is no such file."""
-    try:
-        with open(path) as fh:
-            for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        return None
-    return set()
+    info = cpuinfo(path)
+    return info.get("flags", set()) if info else None
 
 
 def cpu_bf16_support() -> str | None:
