@@ -225,7 +225,9 @@ def _validate_training(cfg: RunConfig) -> None:
     _range("train.momentum", t.momentum, lo=0.0, hi=1.0, hi_open=True)
     _range("train.weight_decay", t.weight_decay, lo=0.0)
     _range("train.trades_beta", t.trades_beta, lo=0.0)
-    _choice("train.trades_forwards", t.trades_forwards, (2, 3))
+    if t.trades_forwards not in (2, 3):
+        raise UserError(f"train.trades_forwards must be 2 or 3 (train-mode forwards per TRADES step); "
+                        f"got {t.trades_forwards!r}")
     _range("train.warmup_epochs", t.warmup_epochs, lo=0.0, hi=float(t.epochs))
     _range("train.val_every", t.val_every, lo=1)
     _range("train.val_attack_steps", t.val_attack_steps, lo=1)
