@@ -45,12 +45,19 @@ class AttackConfig:
     steps: int = 10
     alpha: typing.Optional[float] = None  # step size; None: 2.5·eps/steps (Madry et al.)
     random_start: bool = True
+    # TRADES' KL-PGD: clip the noisy start x + 0.001·N(0, I) to [0, 1] before the first gradient (our earlier way;
+    # the reference clips only after each step). docs/reference-differences.md
+    trades_clamp_start: bool = False
 
 
 @dataclass
 class TrainConfig:
     method: str = "pgd_at"  # standard | pgd_at | trades | fgsm_at
     trades_beta: float = 6.0
+    # train-mode forwards per TRADES step: 3 (x, x_adv, x again for the KL target, as the reference's trades_loss)
+    # or 2 (the clean logits reused as the KL target: same loss and gradients, one forward cheaper, but BN
+    # running statistics see the clean batch once less). docs/reference-differences.md
+    trades_forwards: int = 3
     epochs: int = 30
     batch_size: int = 128
     lr: float = 0.1
@@ -125,6 +132,11 @@ class PruneConfig:
     hydra_weight_decay: float = 1e-4  # on the scores (and BN when trainable), as HYDRA's optimizer
     hydra_objective: str = "trades"  # trades (HYDRA's `adv` trainer, beta = train.trades_beta) | pgd_at
     freeze_bn: bool = False  # score stage: BN affine parameters frozen too (HYDRA --freeze-bn)
+    hydra_pre_forward: bool = True  # score stage: a train-mode forward of the clean batch before the TRADES/PGD
+    #                                  loss (HYDRA's trainer/adv.py), so the eval-mode attack sees BN running
+    #                                  statistics already updated with the batch; False skips it
+    keep_count: str = "reference"  # kept weights per SynFlow round (global) / HYDRA layer: reference
+    #                                 (n - int((1 - d) * n), as Synaptic-Flow and HYDRA) | round (round(d * n))
     finetune_epochs: int = 10  # hydra/lwm: fine-tune epochs of the kept weights (HYDRA: 100 = its pre-training)
     finetune_lr: float = 0.01  # hydra/lwm fine-tune LR (HYDRA: 0.01), with train.schedule
     imp_rate: float = 0.2  # IMP: fraction of the REMAINING weights pruned per round (LTH: 0.2)
@@ -213,6 +225,9 @@ def _validate_training(cfg: RunConfig) -> None:
     _range("train.momentum", t.momentum, lo=0.0, hi=1.0, hi_open=True)
     _range("train.weight_decay", t.weight_decay, lo=0.0)
     _range("train.trades_beta", t.trades_beta, lo=0.0)
+    if t.trades_forwards not in (2, 3):
+        raise UserError(f"train.trades_forwards must be 2 or 3 (train-mode forwards per TRADES step); "
+                        f"got {t.trades_forwards!r}")
     _range("train.warmup_epochs", t.warmup_epochs, lo=0.0, hi=float(t.epochs))
     _range("train.val_every", t.val_every, lo=1)
     _range("train.val_attack_steps", t.val_attack_steps, lo=1)
@@ -292,6 +307,7 @@ def _validate_prune_after_training(cfg: RunConfig) -> None:
     _range("prune.hydra_lr", p.hydra_lr, lo=0.0, lo_open=True)
     _range("prune.hydra_weight_decay", p.hydra_weight_decay, lo=0.0)
     _choice("prune.hydra_objective", p.hydra_objective, ("trades", "pgd_at"))
+    _choice("prune.keep_count", p.keep_count, ("reference", "round"))
     if p.method == "hydra" and p.hydra_objective == "trades" and a.norm != "Linf":
         raise UserError("prune.hydra_objective=trades uses an L∞ KL attack; set attack.norm=Linf or "
                         "prune.hydra_objective=pgd_at")

@@ -89,9 +89,11 @@ def test_score_stage_freezes_weights_and_keeps_exact_per_layer_density(tmp_path,
     assert bn_keys, "the cnn has BN parameters"
     changed = [not torch.equal(state[k], before[k]) for k in bn_keys]
     assert (not any(changed)) if freeze_bn else all(changed)
-    for name, m in mask.items():  # HYDRA's per-layer top-k, exactly round(k n) (guard: >= ceil(0.01 n), >= 1)
+    # HYDRA's per-layer top-k with its count n - int((1 - k) n) (prune.keep_count=reference, the default since
+    # issue 19; round(k n) before), guard: >= ceil(0.01 n), >= 1
+    for name, m in mask.items():
         n = m.numel()
-        assert int(m.sum()) == max(round(0.1 * n), math.ceil(0.01 * n), 1), name
+        assert int(m.sum()) == max(n - int(0.9 * n), math.ceil(0.01 * n), 1), name
     assert cost["epochs"] == 1 and cost["seconds"] > 0
     assert torch.equal(Mask.load(str(tmp_path / "scores" / "mask.safetensors"))[name], m)
     rows = rs.runs.logger.read_metrics(str(tmp_path / "scores"))

@@ -83,9 +83,12 @@ def _ref_grasp(model, batches, masks, T=200.0):
     c = _masked_copy(model, masks)
     names = list(_prunable(c))
     w0 = tuple(p.detach().clone() for n, p in c.named_parameters() if n in names)
+    ms = tuple(masks[n].to(w.dtype) if masks and n in masks else torch.ones_like(w) for n, w in zip(names, w0))
 
+    # the reference's masked layers compute m ⊙ θ in the forward and differentiate in θ: Hg = m ⊙ H(m ⊙ g)
     def total_loss(*ws):
-        return sum(F.cross_entropy(functional_call(c, dict(zip(names, ws)), (x,)) / T, y) for x, y in batches)
+        masked = {n: w * m for n, w, m in zip(names, ws, ms)}
+        return sum(F.cross_entropy(functional_call(c, masked, (x,)) / T, y) for x, y in batches)
 
     leaves = [w.clone().requires_grad_() for w in w0]
     g = torch.autograd.grad(total_loss(*leaves), leaves)

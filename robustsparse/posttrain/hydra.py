@@ -16,7 +16,9 @@ either way, as in HYDRA). The stage ends with the mask of the final scores. Fine
 from a ticket (the mask, W ⊙ m, and the stage's BN): see ``pipeline`` below and posttrain/pipeline.py.
 
 ``prune.scope=global`` ranks all layers together instead (our option; HYDRA is per layer). Per-layer counts are
-``round(k · n)`` (HYDRA: ``n − int((1 − k) · n)``), with the layer-collapse guard of ``masks_from_scores``.
+HYDRA's ``n − int((1 − k) · n)`` (``prune.keep_count=reference``; ``round`` keeps ``round(k · n)``), with the
+layer-collapse guard of ``masks_from_scores``. Before each step's loss, a train-mode forward of the clean batch
+updates BN running statistics, as HYDRA's trainer does (``prune.hydra_pre_forward``; see ``_with_pre_forward``).
 
 The score stage runs through the trainer's step loop (train/loop.py: the same per-step seeds, from prune.seed,
 the engine's AMP/channels_last/compile from ``train.*``, the step checkpoints and ``ROBUSTSPARSE_KILL_AT_STEP``)
@@ -27,6 +29,7 @@ every ``train.checkpoint_every_steps`` steps and at each epoch end, so a killed 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import os
 import sys
@@ -71,12 +74,12 @@ class ScoredNetwork(nn.Module):
     optimizer step: the scores do not change within a step, so the attack and the loss see the same mask)."""
 
     def __init__(self, net: nn.Module, scores: dict[str, Tensor], density: float, scope: str = "layer",
-                 min_layer_density: float = 0.0):
+                 min_layer_density: float = 0.0, count: str = "round"):
         super().__init__()
         self.net = net
         self.names = list(scores)
         self.scores = nn.ParameterList([nn.Parameter(scores[n].detach().clone()) for n in self.names])
-        self.density, self.scope, self.min_layer_density = density, scope, min_layer_density
+        self.density, self.scope, self.min_layer_density, self.count = density, scope, min_layer_density, count
         self._weights = prunable_parameters(net)
         self.mask: Mask | None = None
         self.select()
@@ -86,7 +89,7 @@ class ScoredNetwork(nn.Module):
 
     def select(self) -> Mask:
         self.mask = masks_from_scores({n: s.detach().abs() for n, s in self.score_dict().items()}, self.density,
-                                      self.scope, self.min_layer_density)
+                                      self.scope, self.min_layer_density, count=self.count)
         return self.mask
 
     def forward(self, x: Tensor) -> Tensor:
@@ -150,18 +153,35 @@ def _setup(cfg, net: nn.Module, out: str) -> _ScoreStage:
     device = engine.device
     net = net.to(device)
     bn_params = freeze_for_scoring(net, p.freeze_bn)
-    scored = ScoredNetwork(net, scaled_scores(net), p.density, after_scope(cfg), p.min_layer_density).to(device)
+    scored = ScoredNetwork(net, scaled_scores(net), p.density, after_scope(cfg), p.min_layer_density,
+                           p.keep_count).to(device)
     optimizer = torch.optim.SGD(list(scored.scores) + bn_params, lr=p.hydra_lr, momentum=t.momentum,
                                 weight_decay=p.hydra_weight_decay)
     x_train, y_train = (v.to(device) for v in load_split(cfg, "train"))
     x_val, y_val = (v.to(device) for v in load_split(cfg, "val"))
     obj_cfg = copy.deepcopy(cfg)
     obj_cfg.train.method = p.hydra_objective
-    objective = build_objective(engine.prepare_model(scored), obj_cfg)
+    model = engine.prepare_model(scored)
+    objective = build_objective(model, obj_cfg)
+    if p.hydra_pre_forward:
+        objective = _with_pre_forward(objective, model)
     batch = min(t.batch_size, len(y_train))
     os.makedirs(os.path.join(out, "checkpoints"), exist_ok=True)
     return _ScoreStage(cfg, out, engine, net, scored, optimizer, objective, (x_train, y_train, x_val, y_val), batch,
                        len(y_train) // batch, scored.mask)
+
+
+def _with_pre_forward(objective, model: nn.Module):
+    """HYDRA's trainer/adv.py runs ``output = model(images)`` in train mode before ``trades_loss``: its only effect
+    on training is that BN running statistics take one momentum step towards the batch before the eval-mode attack
+    (the output is used for logged accuracy only, never in the loss). No graph is kept: values are the same."""
+    step = objective.step
+
+    def pre_forward_step(x, y):
+        with torch.no_grad():
+            model(x)
+        return step(x, y)
+    return dataclasses.replace(objective, step=pre_forward_step)
 
 
 def _resume(st: _ScoreStage) -> tuple[int, int, dict | None, float, bool]:

@@ -8,6 +8,15 @@ on ``alecwangcq/GraSP``), with temperature T (opt ``temperature``, default 200):
 
 θ and H are restricted to the prunable weights (conv/linear ``.weight``), as in the reference.
 
+With a mask m, the derivatives are taken with respect to θ while the forward pass uses θ ⊙ m, as the reference's
+masked layers compute ``F.conv2d(x, m ⊙ θ)``. So, with w = θ ⊙ m and H_w the Hessian in w,
+
+    g = m ⊙ ∇_w L,    Hg = m ⊙ H_w (m ⊙ g),
+
+and pruned coordinates neither enter Hg nor get a score. (Differentiating with respect to w itself would give
+H_w g with g unmasked, which mixes in the pruned coordinates' curvature.) θ is taken masked (θ ⊙ m, the
+reference's ``apply_mask`` before scoring); without a mask m = 1 and nothing changes.
+
 Sign convention: **higher = keep**. GraSP's paper scores ``S_paper = −θ ⊙ Hg`` and removes the *largest*
 ``S_paper``; that is the same as keeping the largest ``θ ⊙ Hg``, which is what the reference code computes
 (``p.grad * p.data``, not negated) and then masks with "keep the top scores". So the returned score is *signed*
@@ -23,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .scoring import cloned_buffers, device_of, forward_with, masked_leaves, module_modes, require_batches
+from .scoring import (_prunable, check_masks, cloned_buffers, device_of, forward_with, masked_leaves, module_modes,
+                      require_batches)
 
 REQUIRES_DATA = True
 EPS = 1e-10
@@ -33,11 +43,14 @@ def score(model: nn.Module, batches, *, masks: dict[str, Tensor] | None = None, 
           train_mode: bool = False) -> dict[str, Tensor]:
     batches = require_batches(batches, "GraSP")
     leaves = masked_leaves(model, masks)
+    full = check_masks(_prunable(model), masks)
     names = list(leaves)
     params = [leaves[n] for n in names]
     dev = device_of(model)
 
     def loss_of(tensors, x, y):
+        # the mask in the forward pass (m ⊙ θ), so every derivative in θ carries the factor m
+        tensors = {**tensors, **{n: leaves[n] * full[n] for n in names}}
         return F.cross_entropy(forward_with(model, tensors, x.to(dev)) / temperature, y.to(dev))
 
     def as_dense(grads):

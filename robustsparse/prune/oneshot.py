@@ -51,7 +51,7 @@ register_pruner("grasp")(_one_shot(grasp.score, needs_data=True))
 @register_pruner("synflow")
 def prune_synflow(model, cfg, x, y, progress=True):
     select = functools.partial(structured_masks, min_layer_density=cfg.prune.min_layer_density,
-                               structure=cfg.prune.structure)
+                               structure=cfg.prune.structure, count=cfg.prune.keep_count)
     with progress_bar(total=cfg.prune.synflow_rounds, desc="SynFlow rounds", unit="round", enabled=progress) as bar:
         masks = synflow.synflow_iterative(model, cfg.prune.density, rounds=cfg.prune.synflow_rounds,
                                           input_shape=tuple(x.shape[1:]), scope=scope_of(cfg),

@@ -17,7 +17,11 @@ statistics (mean 0, var 1) is an affine map with |γ|, |β|, as in the reference
 `synflow_iterative` is ``prune_loop`` with the exponential schedule: for t = 1..rounds, density_t =
 density^(t/rounds); re-score with the current masks applied, give pruned entries the score −inf, and keep the top
 ``round(density_t · total)`` (``scope="global"``; per tensor for ``"local"``). Masks are therefore nested and the
-final mask keeps exactly ``round(density · total)`` weights.
+final mask keeps exactly ``round(density · total)`` weights. The pipeline (``robustsparse prune``, prune/oneshot.py)
+passes ``count=prune.keep_count`` (default ``reference``): each round keeps ``total − int((1 − density_t) · total)``
+as the reference's ``_global_mask`` (k = int((1 − d)·N), prune ``score <= kthvalue(k)``); ties at the threshold
+are broken by position here (the reference prunes them all) and already-pruned entries rank last (−inf; the
+reference scores them 0).
 """
 
 from __future__ import annotations

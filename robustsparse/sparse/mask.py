@@ -199,19 +199,35 @@ def _top(s: Tensor, k: int) -> Tensor:
     return keep
 
 
-def _keep_count(density: float, n: int, floor: int) -> int:
-    return min(n, max(floor, round(density * n)))
+KEEP_COUNTS = ("round", "reference")
+
+
+def kept_count(density: float, n: int, count: str = "round") -> int:
+    """How many of ``n`` entries density ``d`` keeps: ``round(d · n)`` (``"round"``, Python's half to even), or
+    ``n − int((1 − d) · n)`` (``"reference"``: Synaptic-Flow's ``_global_mask``/``_local_mask`` prune the
+    ``int((1 − d) · n)`` lowest, HYDRA's ``GetSubnet`` zeroes ``int((1 − k) · n)``; about ``ceil(d · n)``, in the
+    same float arithmetic as those codes)."""
+    if count == "round":
+        return round(density * n)
+    if count == "reference":
+        return n - int((1.0 - density) * n)
+    raise UserError(f"keep count must be one of {', '.join(KEEP_COUNTS)}, got {count!r}")
+
+
+def _keep_count(density: float, n: int, floor: int, count: str = "round") -> int:
+    return min(n, max(floor, kept_count(density, n, count)))
 
 
 def masks_from_scores(scores: dict[str, Tensor], density: float, scope: str = "global",
-                      min_layer_density: float = 0.0) -> Mask:
+                      min_layer_density: float = 0.0, count: str = "round") -> Mask:
     """Keep the top-``density`` fraction of ``scores`` (higher score = more important).
 
     ``scope="global"``: one ranking over all layers; exactly ``round(density * total)`` entries are kept.
     ``scope="layer"`` (alias ``"local"``): each layer keeps ``round(density * n_layer)`` of its own top entries.
     Ties are broken deterministically by position: among equal scores the earlier entry wins (earlier layer in
     dict order, then lower flat index), exactly as a stable descending sort would, so the count is exact even when
-    all scores are equal. (``round`` is Python's, half to even.)
+    all scores are equal. (``round`` is Python's, half to even.) ``count="reference"`` keeps
+    ``n − int((1 − density) · n)`` instead (`kept_count`; SynFlow's and HYDRA's reference codes).
 
     Layer-collapse guard: every layer keeps at least ``max(1, ceil(min_layer_density * n_layer))`` entries (its
     top scores), so no layer is ever removed whole. Globally, the entries a layer gets this way are paid for by
@@ -245,10 +261,10 @@ def masks_from_scores(scores: dict[str, Tensor], density: float, scope: str = "g
     mins = [min(n, max(1, math.ceil(round(min_layer_density * n, 9)))) for n in sizes]
 
     if scope != "global":
-        keeps = [_top(s, _keep_count(density, n, m)) for s, n, m in zip(flats, sizes, mins)]
+        keeps = [_top(s, _keep_count(density, n, m, count)) for s, n, m in zip(flats, sizes, mins)]
     else:
         total = sum(sizes)
-        target = round(density * total)
+        target = kept_count(density, total, count)
         if sum(mins) > target:
             raise UserError(f"density {density} keeps {target} of {total} weights, fewer than the "
                             f"{sum(mins)} needed to keep at least max(1, ceil({min_layer_density} * n)) in each "

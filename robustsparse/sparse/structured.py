@@ -50,11 +50,12 @@ def parse_structure(structure) -> tuple[str, int | None, int | None]:
 
 
 def structured_masks(scores: dict[str, Tensor], density: float, scope: str = "global",
-                     min_layer_density: float = 0.0, structure: str = "unstructured") -> Mask:
-    """The mask of ``structure`` keeping the highest ``scores`` at ``density`` (see the module docstring)."""
+                     min_layer_density: float = 0.0, structure: str = "unstructured", count: str = "round") -> Mask:
+    """The mask of ``structure`` keeping the highest ``scores`` at ``density`` (see the module docstring).
+    ``count`` (`kept_count`: round | reference) applies to unstructured masks; channel masks count by round."""
     kind, n, m = parse_structure(structure)
     if kind == "unstructured":
-        return masks_from_scores(scores, density, scope, min_layer_density)
+        return masks_from_scores(scores, density, scope, min_layer_density, count=count)
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
         raise UserError(f"density must be in (0, 1] (the fraction of weights kept), got {density!r}")
     if isinstance(min_layer_density, bool) or not isinstance(min_layer_density, (int, float)) \
