@@ -17,6 +17,16 @@ import robustsparse as rs  # noqa: E402
 from robustsparse.attacks import PGD  # noqa: E402
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, restored after: comparisons with a one-thread subprocess or a stated
+    measured margin see the same kernels every time."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def digits_test():
     return rs.load_dataset("digits", split="test")

@@ -26,12 +26,7 @@ TOL = 1e-4
 CASES = [("cnn", "1x8x8", {"width": 16}), ("resnet18", "3x8x8", {})]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _max_diff(a, b, shape, n=5, seed=3):

@@ -24,12 +24,7 @@ SMART = dict(lambdas=[0.0, 0.1, 0.2, 0.3, 0.4, 1.0], encoding="rand", encoding_d
              density_clean=0.3, density_adv=0.6, overlap="nested", split_from=0, mask_source="random", mix="weight")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _ort_vs_torch(model, folder, shape, batches=(1, 5, 9)):

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ...attacks.pgd import PGD
 from ...config import RunConfig
 
 OBJECTIVES: dict[str, Callable] = {}
@@ -60,6 +61,12 @@ class Objective:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> StepOutput:
         return self.step(x, y)
+
+
+def training_pgd(model: nn.Module, cfg: RunConfig) -> PGD:
+    """The training attack of every PGD-based objective: ``attack.*`` with the training step size."""
+    a = cfg.attack
+    return PGD(model, a.eps, steps=a.steps, alpha=cfg.train_alpha, norm=a.norm, random_start=a.random_start)
 
 
 def _count(logits, y):

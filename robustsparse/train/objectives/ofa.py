@@ -18,12 +18,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...attacks.base import attack_mode
-from ...attacks.pgd import PGD
 from ...data import load_split
 from ...errors import UserError
 from ...ofa import float_noise, oat, smart
 from ...ofa.base import at_lambda, ofa_method_of, unwrap
-from .base import Objective, StepOutput, register_objective
+from .base import Objective, StepOutput, register_objective, training_pgd
 
 
 def validation_model(model: nn.Module) -> nn.Module:
@@ -50,8 +49,7 @@ def _ofa_objective(step) -> Objective:
 @register_objective("smart")
 def smart_objective(model, cfg):
     inner = unwrap(model)
-    a = cfg.attack
-    attack = PGD(model, a.eps, steps=a.steps, alpha=cfg.train_alpha, norm=a.norm, random_start=a.random_start)
+    attack = training_pgd(model, cfg)
 
     def step(x, y):
         if not int(inner.smart_masks_ready):
@@ -73,8 +71,7 @@ def smart_objective(model, cfg):
 @register_objective("oat")
 def oat_objective(model, cfg):
     inner = unwrap(model)
-    a = cfg.attack
-    attack = PGD(model, a.eps, steps=a.steps, alpha=cfg.train_alpha, norm=a.norm, random_start=a.random_start)
+    attack = training_pgd(model, cfg)
     lambdas = sorted(cfg.ofa.lambdas)
     nonzero = torch.tensor([v for v in lambdas if v > 0])
     if not len(nonzero):
@@ -106,8 +103,7 @@ def oat_objective(model, cfg):
 @register_objective("float")
 def float_objective(model, cfg):
     inner = unwrap(model)
-    a = cfg.attack
-    attack = PGD(model, a.eps, steps=a.steps, alpha=cfg.train_alpha, norm=a.norm, random_start=a.random_start)
+    attack = training_pgd(model, cfg)
 
     def step(x, y):
         batch, half = len(x), len(x) // 2

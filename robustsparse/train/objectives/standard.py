@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ...attacks.pgd import PGD
 from ...attacks.trades import TradesKL
 from ...config import RunConfig
-from .base import Objective, StepOutput, _count, register_objective
+from .base import Objective, StepOutput, _count, register_objective, training_pgd
 
 
 @register_objective("standard")
@@ -30,8 +29,7 @@ def standard(model, cfg: RunConfig):
 
 @register_objective("pgd_at")
 def pgd_at(model, cfg: RunConfig):
-    a = cfg.attack
-    attack = PGD(model, a.eps, steps=a.steps, alpha=cfg.train_alpha, norm=a.norm, random_start=a.random_start)
+    attack = training_pgd(model, cfg)
 
     def step(x, y):
         x_adv = attack(x, y)
