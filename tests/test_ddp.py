@@ -1,7 +1,9 @@
 """DDP: two CPU processes (gloo) train to the same weights as one process on the same global batches."""
 import datetime
+import gc
 import os
 import socket
+import sys
 import time
 
 import pytest
@@ -90,7 +92,16 @@ def _rank_main(rank: int, world: int, port: int, jobs: list) -> None:
         if code:
             raise SystemExit(code)
     assert dist.is_initialized()  # the trainer left the caller's group open
+    # Tear down while the interpreter is fully alive, then leave without finalisation. CI once saw rank 1 die with
+    # SIGABRT ("terminate called without an active exception") after all three jobs: gloo worker threads still
+    # holding tensors of the DDP models when the interpreter finalises (pytorch/pytorch#179291 describes it). The
+    # runs are on disk by then (atomic writes, checked below); process teardown is not what this test tests.
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _run_ddp(jobs: list, world: int = 2) -> None:

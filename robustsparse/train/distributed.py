@@ -88,7 +88,12 @@ def barrier() -> None:
 
 
 def close(d: Distributed | None) -> None:
-    if d is not None and d.owns_group and dist.is_initialized():
+    """End of a distributed run. Every rank waits for the others first: rank 0 still writes the run folder after the
+    last collective, and a rank that left early could read a half-written folder or tear the group down under it."""
+    if d is None or not dist.is_initialized():
+        return
+    barrier()
+    if d.owns_group:
         dist.destroy_process_group()
 
 
