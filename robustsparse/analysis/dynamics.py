@@ -84,8 +84,11 @@ def _load(run_dir: str) -> dict:
 
 def plot_dynamics(runs: dict[str, str], dense_dir: str, path: str) -> str:
     """One figure: NTK distance, output distance and val robust accuracy per epoch for each run vs dense."""
-    from ..runs.plots import plt
     from ..runs.logger import read_metrics
+    from ..runs.plots import pyplot
+    plt = pyplot()
+    if plt is None:
+        return None
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for label, run_dir in runs.items():
         rows = dynamics_distances(run_dir, dense_dir)

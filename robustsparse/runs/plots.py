@@ -1,16 +1,35 @@
 """Plots of runs and grids (training curves, density vs robustness). Every robust number names its attack and budget."""
 from __future__ import annotations
 
-import matplotlib
+import sys
 
-matplotlib.use("Agg")  # files only: no display on servers or in CI
-import matplotlib.pyplot as plt  # noqa: E402
+from .atomic import savefig_atomic
 
-from .atomic import savefig_atomic  # noqa: E402
+_warned = False
 
 
-def plot_curves(rows: list[dict], path: str) -> str:
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (files only: no display on servers or in CI), or None where matplotlib
+    is not installed (a bare GPU node that reaches no package registry): the plot is skipped with one warning, and
+    no number depends on it."""
+    global _warned
+    try:
+        import matplotlib
+    except ImportError:
+        if not _warned:
+            print("warning: matplotlib is not installed: plots are skipped (pip install matplotlib)", file=sys.stderr)
+            _warned = True
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def plot_curves(rows: list[dict], path: str) -> str | None:
     """Training curves: loss, and train/val clean/robust accuracy per epoch."""
+    plt = pyplot()
+    if plt is None:
+        return None
     epochs = [r["epoch"] + 1 for r in rows]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker=".", label="train loss")
@@ -34,9 +53,12 @@ def plot_curves(rows: list[dict], path: str) -> str:
     return path
 
 
-def plot_density_robustness(rows: list[dict], path: str) -> str:
+def plot_density_robustness(rows: list[dict], path: str) -> str | None:
     """Robust accuracy (the strongest attack in the suite; clean accuracy when it has none) against density, one
     line per method, dense as a rule."""
+    plt = pyplot()
+    if plt is None:
+        return None
     items = [i for i in rows[0]["accuracy"] if i != "clean"]
     if items:
         key = "autoattack" if "autoattack" in items else items[-1]
