@@ -44,7 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", required=True, help="run folder; must not exist yet unless --resume")
     train.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     train.add_argument("--ticket", default=None, help="start from a `robustsparse prune` output (mask + weights)")
-    train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument("--no-progress", action="store_true",
+                       help="no progress bars (the one-line summary of each epoch is still printed)")
 
     prune = sub.add_parser("prune", help="find a sparse ticket at initialisation (mask + initial weights)")
     prune.add_argument("config", nargs="?", help="YAML file or shipped config name (optional with --resume)")

@@ -238,7 +238,7 @@ def _end_epoch(r: _Run, row: dict, epoch: int, is_best: bool, guard, log, record
     t, main = r.cfg.train, r.engine.is_main
     stop = guard.after_validation(row, log.rows)  # flags catastrophic overfitting in the row
     log.append(row, row["step"])
-    if progress and main:
+    if main:  # one line an epoch even without progress bars: a nohup'd run still says where it is
         print(_summary(row, t.epochs), file=sys.stderr, flush=True)
     if stop:  # train.on_overfit=stop: before this epoch's best/last, so 'last' stays the last good state
         guard.stop_overfit(row)
