@@ -139,3 +139,17 @@ def test_a_faithful_search_killed_between_mask_updates_resumes_to_the_same_ticke
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     updates = [json.load(open(tmp_path / d / "prune.json"))["mask_updates"] for d in ("ref", "k")]
     assert updates[0] == updates[1] and [u["iter"] for u in updates[0]] == [2, 4, 6, 8]
+
+
+def test_a_run_trained_from_a_ticket_names_its_search_preset_in_run_json(tmp_path):
+    import json
+    from robustsparse.train import train
+    cfg = load_config("digits_pgdat", TINY + ["prune.method=awt"] + FAITHFUL_SMALL[:1] + ["prune.search_iters=2",
+                                                                                          "prune.search_batch=4"])
+    prune_to_folder(cfg, str(tmp_path / "t"), progress=False)
+    train(load_config("digits_pgdat", TINY + ["train.epochs=1", f"train.ticket={tmp_path / 't'}"]),
+          str(tmp_path / "run"), progress=False)
+    ticket = json.load(open(tmp_path / "run" / "run.json"))["ticket"]
+    assert ticket["method"] == "awt" and ticket["preset"] == "faithful"
+    assert ticket["settings"]["init_method"] == "magnitude" and ticket["settings"]["search_iters"] == 2
+    assert ticket["cost"]["iterations"] == 2 and ticket["path"] == str(tmp_path / "t")
