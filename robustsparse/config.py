@@ -18,6 +18,8 @@ import yaml
 
 from .errors import UserError
 
+SEARCH_PRESETS = ("short", "faithful")  # prune.preset; their values: prune/presets.py
+
 
 @dataclass
 class DataConfig:
@@ -90,31 +92,37 @@ class PruneConfig:
     """Finding a sparse ticket at initialisation (``robustsparse prune``); see robustsparse/prune/."""
     method: str = "magnitude"  # random | magnitude | snip | grasp | synflow | ntt | awt
     density: float = 0.1  # kept fraction of prunable weights (conv/linear weights)
-    scope: typing.Optional[str] = None  # global | layer; None: the method's default (layer for ntt, else global)
+    scope: typing.Optional[str] = None  # global | layer; None: the method's default (layer for ntt and for the
+    #                                      faithful awt, else global)
     min_layer_density: float = 0.01  # layer-collapse guard; every layer also always keeps >= 1 weight
     structure: str = "unstructured"  # unstructured | channel (whole filters) | N:M, e.g. "2:4" (sparse/structured.py)
     samples: typing.Optional[int] = None  # data-driven scores (snip, grasp): images used; None: 10 x classes
     synflow_rounds: int = 100
     seed: int = 0
-    # NTT / AWT search (method-notes §4(b).2-3)
-    # Defaults measured on digits (docs/results/digits.md, "AWT: the search, measured"): a short, full-kernel
-    # search costing well under 10% of the PGD-AT that follows. NTT ran 20 epochs of batch-64 steps at Adam 5e-4,
-    # lambda_ker 1e-3.
-    search_iters: int = 20  # optimisation steps
-    search_batch: int = 4  # images per step, split in two halves for the NTK pair (x1, x2)
-    search_lr: float = 5e-3  # Adam (a larger step than NTT's 5e-4: the search is ~100x shorter)
-    ntk_weight: float = 0.1  # lambda_ker (NTT: 1e-3 over thousands of steps; too weak for a short search)
+    # NTT / AWT search (method-notes §4(b).2-3). `preset` names the defaults of the keys marked "preset" (None:
+    # the preset's value for prune.method; prune/presets.py has the tables): short (default; measured on digits to
+    # cost well under 10% of the PGD-AT that follows; the mask never moves) | faithful (the method as specified:
+    # layer-wise magnitude start, NTT's batch 64, Adam 5e-4, lambda_ker 1e-3, mask recomputed every 100 of 1100
+    # iterations). An explicit key overrides its preset value.
+    preset: str = "short"
+    search_iters: typing.Optional[int] = None  # preset: optimisation steps (short 20, faithful 1100)
+    search_batch: typing.Optional[int] = None  # preset: images per step, split in two halves for the NTK pair
+    #                                             (x1, x2) (short 4, faithful 64 as NTT)
+    search_lr: typing.Optional[float] = None  # preset: Adam (short 5e-3, ~100x shorter than NTT; faithful 5e-4)
+    ntk_weight: typing.Optional[float] = None  # preset: lambda_ker (short 0.1: NTT's 1e-3 is too weak for a short
+    #                                            search; faithful 1e-3)
     output_weight: float = 1.0
     l2_weight: float = 1e-5  # lambda_L2 (divided by density, as in NTT)
-    mask_update_every: int = 100  # magnitude mask update period (iterations; NTT: 100). The default search is
+    mask_update_every: int = 100  # magnitude mask update period (iterations; NTT: 100). The short search is
     #                                 shorter, so the initial mask is kept (measured: better at density 0.1)
     points: str = "adversarial"  # awt: adversarial | clean | both (ntt is always clean)
     attack_target: str = "dense"  # awt: PGD against the dense init ("dense") or the current sparse student
     mode: str = "weights"  # awt: weights (NTT-faithful, weights move) | mask_only (scores + top-k + STE at theta_0)
     ntk_mode: str = "full"  # full [n1, n2, K, K] (NTT) | trace [n1, n2] | projected (random output projection)
-    init_method: typing.Optional[str] = None  # ntt/awt: scorer whose mask starts the search (None: ntt magnitude,
-    #                                            awt synflow; measured on digits, docs/results/digits.md)
-    allocation: str = "fixed"  # ntt/awt mask updates: fixed (per-layer counts of the initial mask) | rescope
+    init_method: typing.Optional[str] = None  # ntt/awt, preset: scorer whose mask starts the search (short: ntt
+    #                                            magnitude, awt synflow, measured on digits; faithful: magnitude)
+    allocation: typing.Optional[str] = None  # ntt/awt mask updates, preset: fixed (per-layer counts of the initial
+    #                                          mask; short) | rescope (re-rank in prune.scope; faithful)
     ticket_weights: str = "searched"  # ntt/awt ticket starts from m*theta_s ("searched", NTT) or m*theta_0 ("init")
     bn_stats: str = "init"  # ntt/awt: BN statistics of the search's eval-mode passes: init (0, 1) | batch (those
     #                          of the first bn_samples training images, recomputed for the student every step)
@@ -280,11 +288,11 @@ def _validate_prune_at_init(cfg: RunConfig) -> None:
     if p.samples is not None:
         _range("prune.samples", p.samples, lo=1)
     _range("prune.synflow_rounds", p.synflow_rounds, lo=1)
-    _range("prune.search_iters", p.search_iters, lo=0)
-    _range("prune.search_batch", p.search_batch, lo=2)
-    _range("prune.search_lr", p.search_lr, lo=0.0)
-    for key in ("ntk_weight", "output_weight", "l2_weight"):
-        _range(f"prune.{key}", getattr(p, key), lo=0.0)
+    _choice("prune.preset", p.preset, SEARCH_PRESETS)
+    for key, lo in (("search_iters", 0), ("search_batch", 2), ("search_lr", 0.0), ("ntk_weight", 0.0),
+                    ("output_weight", 0.0), ("l2_weight", 0.0)):
+        if getattr(p, key) is not None:  # None: the preset's value
+            _range(f"prune.{key}", getattr(p, key), lo=lo)
     _range("prune.mask_update_every", p.mask_update_every, lo=1)
     _choice("prune.points", p.points, ("adversarial", "clean", "both"))
     _choice("prune.attack_target", p.attack_target, ("dense", "student"))
@@ -295,7 +303,8 @@ def _validate_prune_at_init(cfg: RunConfig) -> None:
     _choice("prune.ntk_mode", p.ntk_mode, ("full", "trace", "projected"))
     if p.init_method is not None:
         _choice("prune.init_method", p.init_method, ("random", "magnitude", "snip", "grasp", "synflow"))
-    _choice("prune.allocation", p.allocation, ("fixed", "rescope"))
+    if p.allocation is not None:
+        _choice("prune.allocation", p.allocation, ("fixed", "rescope"))
     _choice("prune.ticket_weights", p.ticket_weights, ("searched", "init"))
     _range("prune.checkpoint_every", p.checkpoint_every, lo=0)
 

@@ -12,13 +12,12 @@ from torch import nn
 from ..config import RunConfig
 from ..errors import UserError
 from ..sparse import Mask
+from .presets import preset_value
 
 PRUNERS: dict[str, Callable] = {}
-# NTT prunes layer-wise (method-notes §4(f).5); AWT and the scorers prune globally, and AWT's search starts from the
-# SynFlow mask and keeps its per-layer budget (prune.allocation=fixed): at density 0.05 the per-layer budget decides
-# robustness, and SynFlow's is the best of the scorers' (measured on digits, docs/results/digits.md).
-DEFAULT_SCOPE = {"ntt": "layer"}
-DEFAULT_INIT = {"ntt": "magnitude", "awt": "synflow"}
+# ntt/awt take their scope and starting scorer from prune.preset (presets.py): short NTT prunes layer-wise
+# (method-notes §4(f).5) and short AWT globally from the SynFlow mask; faithful both layer-wise from magnitude.
+# The scorers prune globally.
 
 
 @dataclass
@@ -36,11 +35,11 @@ def register_pruner(name: str):
 
 
 def scope_of(cfg: RunConfig) -> str:
-    return cfg.prune.scope or DEFAULT_SCOPE.get(cfg.prune.method, "global")
+    return preset_value(cfg, "scope") or "global"
 
 
 def init_method_of(cfg: RunConfig) -> str:
-    return cfg.prune.init_method or DEFAULT_INIT.get(cfg.prune.method, "magnitude")
+    return preset_value(cfg, "init_method") or "magnitude"
 
 
 def call_pruner(name: str, model, cfg, x, y, **optional) -> Ticket:

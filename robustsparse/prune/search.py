@@ -37,8 +37,15 @@ Both leave the mask alone and were measured worse on digits (docs/results/digits
 top-d |θ₀| in ``prune.scope``) and lets the updates choose WHICH weights within each layer; ``rescope`` re-ranks
 in ``prune.scope`` at every update. Adam moves every weight by about the same absolute amount whatever its
 scale, so a global re-ranking drifts towards uniform layer densities, which starve the small first layers.
-``prune.init_method`` names the at-init scorer whose mask starts the search (NTT: magnitude; AWT: SynFlow).
-``prune.ticket_weights``: ``searched`` (NTT: the ticket starts from m⊙θ_s) or ``init`` (m⊙θ₀).
+``prune.init_method`` names the at-init scorer whose mask starts the search (short preset: NTT magnitude, AWT
+SynFlow; faithful: magnitude). ``prune.ticket_weights``: ``searched`` (NTT: the ticket starts from m⊙θ_s) or
+``init`` (m⊙θ₀).
+
+``prune.preset`` (presets.py) gives the defaults of the scope, the starting scorer, the length, batch, step size,
+λ_ker and allocation: ``short`` (default; 20 steps, the mask never moves) or ``faithful`` (method-notes §4(b).2-3:
+1100 steps of batch 64, the mask recomputed from |θ_s| 10 times). The ticket's prune.json records the preset, the
+resolved settings, every mask update (iteration, fraction of kept weights that changed) and the cost
+(search_cost.py: seconds and image passes against one PGD-AT epoch's).
 
 Resumable: every ``prune.checkpoint_every`` iterations the state (weights or scores, Adam, mask, log) is saved
 to ``state_dir``; each iteration is seeded from (seed, iteration), so a resumed search equals an uninterrupted one.
@@ -49,6 +56,7 @@ import copy
 import os
 import signal
 import time
+from types import SimpleNamespace
 
 import torch
 from torch.func import functional_call, grad, vmap
@@ -60,8 +68,10 @@ from ..utils.progress import progress_bar
 from ..runs.checkpoint import load_checkpoint, save_checkpoint
 from ..sparse import Mask, apply_mask, prunable_parameters
 from ..sparse.mask import _top
+from .presets import preset_record, search_settings
 from .registry import Ticket, call_pruner, init_method_of, scope_of
 from .rescale import rescale_ticket
+from .search_cost import search_cost
 
 KILL_AT_ITER_ENV = "ROBUSTSPARSE_KILL_AT_STEP"  # the trainer's fault injection, read as a search iteration here
 STATE_LABEL = "search"
@@ -116,6 +126,8 @@ class _SearchState:
     def __init__(self, model, cfg, x, y, state_dir, progress: bool):
         p, a = cfg.prune, cfg.attack
         self.cfg, self.p, self.scope = cfg, p, scope_of(cfg)
+        self.s = SimpleNamespace(**search_settings(cfg))  # prune.preset resolved: what this search runs with
+        self.mask_updates: list[dict] = []  # one record per mask recomputation: iteration, weights that changed
         self.teacher = copy.deepcopy(model).eval()
         for q in self.teacher.parameters():
             q.requires_grad_(False)
@@ -137,7 +149,7 @@ class _SearchState:
             self.trained = self.scores
         else:
             self.trained = dict(self.student.named_parameters())
-        self.optimizer = torch.optim.Adam(self.trained.values(), lr=p.search_lr)
+        self.optimizer = torch.optim.Adam(self.trained.values(), lr=self.s.search_lr)
         self.attack_model = copy.deepcopy(model).eval() if p.attack_target == "student" else self.teacher
         self.attack = PGD(self.attack_model, a.eps, steps=a.steps, alpha=cfg.train_alpha, norm=a.norm)
         self.teacher_params = dict(self.teacher.named_parameters())
@@ -146,7 +158,7 @@ class _SearchState:
 
     def start_counts(self) -> None:
         self.counts = {n: int(m.sum()) for n, m in self.mask.items()}  # every update keeps them (allocation=fixed)
-        self.fixed = self.p.allocation == "fixed" and getattr(self.p, "structure", "unstructured") == "unstructured"
+        self.fixed = self.s.allocation == "fixed" and getattr(self.p, "structure", "unstructured") == "unstructured"
 
     def reselect(self, scores):
         return _select_fixed(scores, self.counts) if self.fixed else _select(scores, self.cfg, self.scope)
@@ -173,14 +185,14 @@ class _SearchState:
 
     def matching_loss(self, pts, params, gen):
         """(loss, output term, NTK term): the module docstring's objective on the points ``pts``."""
-        p = self.p
+        p, ntk_weight = self.p, self.s.ntk_weight
         half = len(pts) // 2
         x1, x2 = pts[:half], pts[half:]
         v = torch.randn(self.f_t_dim, generator=gen).to(pts.device) if p.ntk_mode == "projected" else None
         with torch.no_grad():
             f_t = self.teacher(pts)
         ntk_t = None
-        if p.ntk_weight > 0:
+        if ntk_weight > 0:
             ntk_t = _ntk(self.teacher, self.teacher_params, x1, x2, p.ntk_mode, v, False, {}).detach()
         f_s = functional_call(self.student, params, (pts,))
         out_loss = (f_s - f_t).pow(2).mean()
@@ -189,20 +201,25 @@ class _SearchState:
         if ntk_t is not None:
             ntk_s = _ntk(self.student, params, x1, x2, p.ntk_mode, v, True, dict(self.mask.items()))
             ntk_loss = (ntk_s - ntk_t).pow(2).mean()
-            loss = loss + p.ntk_weight * ntk_loss
+            loss = loss + ntk_weight * ntk_loss
         if p.l2_weight > 0:
             loss = loss + p.l2_weight / p.density * sum(params[n].pow(2).sum() for n in self.names)
         return loss, out_loss, ntk_loss
 
     def update_mask(self, it: int) -> None:
-        p = self.p
+        """mask_only: re-select every step. weights: every ``mask_update_every`` steps (not after the last one),
+        m ← top-d |θ_s| (presets.mask_update_iterations); the fraction of kept weights that changed is logged."""
         if self.mask_only:
             self.mask = self.reselect({n: s.detach() for n, s in self.scores.items()})
-        elif (it + 1) % p.mask_update_every == 0 and it + 1 < p.search_iters:
+        elif (it + 1) % self.s.mask_update_every == 0 and it + 1 < self.s.search_iters:
+            old = self.mask
             self.mask = self.reselect({n: q.detach().abs() for n, q in self.student.named_parameters()
                                        if n in self.mask})
+            changed = sum(int((self.mask[n] > old[n]).sum()) for n in self.names)
+            self.mask_updates.append({"iter": it + 1, "changed": changed / max(1, self.mask.kept()),
+                                      "density": self.mask.density()})
 
-    def final_ticket(self, model, points: str, log: list, started: float) -> Ticket:
+    def final_ticket(self, model, points: str, log: list, started: float, n_train: int) -> Ticket:
         p, mask = self.p, self.mask
         if self.mask_only or p.ticket_weights == "init":
             final = {k: v.clone() for k, v in self.theta0.items()}
@@ -213,9 +230,14 @@ class _SearchState:
         ticket_model.load_state_dict({**ticket_model.state_dict(), **final})
         apply_mask(ticket_model, mask)
         state = {k: v.detach().clone() for k, v in ticket_model.state_dict().items()}
-        info = {"points": points, "mode": p.mode, "iters": p.search_iters, "allocation": p.allocation,
+        seconds = time.perf_counter() - started
+        record = preset_record(self.cfg)
+        record["settings"]["points"] = points  # ntt matches at clean points whatever prune.points says
+        info = {"points": points, "mode": p.mode, "iters": self.s.search_iters, "allocation": self.s.allocation,
                 "init_method": init_method_of(self.cfg), "ticket_weights": p.ticket_weights, "bn_stats": p.bn_stats,
-                "rescale": p.rescale, "search_seconds": time.perf_counter() - started, "log": log}
+                "rescale": p.rescale, "search_seconds": seconds, **record,
+                "cost": search_cost(vars(self.s), self.cfg.attack.steps, self.f_t_dim, points, n_train, seconds),
+                "mask_updates": self.mask_updates, "log": log}
         return Ticket(mask=mask, state=state, info=info)
 
 
@@ -223,22 +245,24 @@ def ntk_search(model, cfg, x, y, points: str, state_dir: str | None = None, prog
     """Run the search on ``model`` (dense, at θ₀; not modified). ``points``: clean | adversarial | both.
     ``state_dir``: where to keep the resumable state (None: not resumable)."""
     p = cfg.prune
+    set_up = time.perf_counter()  # the clock includes the starting mask (AWT short: SynFlow's 100 rounds)
     st = _SearchState(model, cfg, x, y, state_dir, progress)
+    iters = st.s.search_iters
     start, log, spent = 0, [], 0.0
     if st.resuming:
-        start, log, spent, st.mask = _load_state(state_dir, st.trained, st.optimizer, st.names)
+        start, log, spent, st.mask, st.mask_updates = _load_state(state_dir, st.trained, st.optimizer, st.names)
     st.start_counts()
     kill_at = int(os.environ.get(KILL_AT_ITER_ENV, "-1"))
-    started = time.perf_counter() - spent
-    with progress_bar(total=p.search_iters, initial=start, desc=f"{cfg.prune.method} search", unit="it",
+    started = time.perf_counter() - spent if st.resuming else set_up
+    with progress_bar(total=iters, initial=start, desc=f"{cfg.prune.method} search", unit="it",
                       enabled=progress) as bar:
-        for it in range(start, p.search_iters):
+        for it in range(start, iters):
             if it == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
             seed = _iter_seed(p.seed, it)
             torch.manual_seed(seed)  # the attack's random start
             gen = torch.Generator().manual_seed(seed)
-            idx = torch.randint(len(y), (p.search_batch,), generator=gen).to(y.device)
+            idx = torch.randint(len(y), (st.s.search_batch,), generator=gen).to(y.device)
             params = st.effective_params()
             if st.x_bn is not None:
                 calibrate_bn(st.student, params, st.x_bn)  # constants inside the step (as eval mode treats them)
@@ -248,24 +272,25 @@ def ntk_search(model, cfg, x, y, points: str, state_dir: str | None = None, prog
             loss.backward()
             st.optimizer.step()
             st.update_mask(it)
-            if it % 10 == 0 or it + 1 == p.search_iters:
+            if it % 10 == 0 or it + 1 == iters:
                 log.append({"iter": it, "loss": loss.item(), "output": out_loss.item(), "ntk": ntk_loss.item(),
                             "seconds": time.perf_counter() - started})
             bar.update(1)
             if state_dir is not None and p.checkpoint_every and (it + 1) % p.checkpoint_every == 0 \
-                    and it + 1 < p.search_iters:
-                _save_state(state_dir, it + 1, log, time.perf_counter() - started, st.trained, st.optimizer, st.mask)
-    return st.final_ticket(model, points, log, started)
+                    and it + 1 < iters:
+                _save_state(state_dir, it + 1, {"log": log, "mask_updates": st.mask_updates},
+                            time.perf_counter() - started, st.trained, st.optimizer, st.mask)
+    return st.final_ticket(model, points, log, started, len(y))
 
 
-def _save_state(folder, it, log, seconds, trained: dict, optimizer, mask: Mask) -> None:
+def _save_state(folder, it, logs: dict, seconds, trained: dict, optimizer, mask: Mask) -> None:
     tensors = {f"trained.{n}": q.detach() for n, q in trained.items()}
     tensors.update({f"mask.{n}": m for n, m in mask.items()})
     names = list(trained)
     for i, st in optimizer.state_dict()["state"].items():
         for key, val in st.items():
             tensors[f"optim.{names[i]}.{key}"] = val if torch.is_tensor(val) else torch.tensor(val)
-    save_checkpoint(folder, STATE_LABEL, tensors, {"iteration": it, "log": log, "seconds": seconds})
+    save_checkpoint(folder, STATE_LABEL, tensors, {"iteration": it, **logs, "seconds": seconds})
 
 
 def _load_state(folder, trained: dict, optimizer, mask_names: list[str]):
@@ -283,4 +308,4 @@ def _load_state(folder, trained: dict, optimizer, mask_names: list[str]):
     optimizer.load_state_dict(sd)
     device = next(iter(trained.values())).device
     new_mask = Mask._trusted({n: tensors[f"mask.{n}"].to(device) for n in mask_names})
-    return meta["iteration"], meta["log"], meta["seconds"], new_mask
+    return meta["iteration"], meta["log"], meta["seconds"], new_mask, meta.get("mask_updates", [])

@@ -17,7 +17,7 @@ import torch
 
 from ..errors import UserError
 from ..runs.atomic import write_json_atomic, write_text_atomic
-from ..runs.checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from ..runs.checkpoint import find_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from .consistency import check_mask_state
 from .mask import Mask
 from .report import sparsity_report
@@ -53,6 +53,14 @@ def load_ticket(path: str) -> tuple[dict[str, torch.Tensor], dict]:
     prune_info = meta.get("prune")
     check_mask_state(state, prune_info.get("density") if isinstance(prune_info, dict) else None, f"ticket {handle}")
     return state, meta
+
+
+def ticket_summary(path: str) -> dict:
+    """How the ticket at ``path`` was found (method, density, and for NTT/AWT the search preset, its resolved
+    settings and cost), which a training run started from it records in run.json (``ticket``)."""
+    info = read_meta(find_checkpoint(path, prefer=LABEL)).get("prune") or {}
+    keys = ("method", "density", "preset", "settings", "overridden", "seconds", "cost")
+    return {"path": path, **{k: info[k] for k in keys if k in info}}
 
 
 def ticket_mask(state: dict[str, torch.Tensor]) -> Mask:

@@ -27,7 +27,7 @@ from ..runs.checkpoint import load_optimizer, newest_intact, optimizer_tensors, 
 from ..runs.logger import MetricsLog, write_status
 from ..runs.plots import plot_curves
 from ..sparse import load_model_state
-from ..sparse.ticket import load_ticket
+from ..sparse.ticket import load_ticket, ticket_summary
 from ..utils.device import resolve_device
 from ..utils.progress import progress_bar
 from .distributed import RowsOnly
@@ -269,7 +269,7 @@ def train(cfg: RunConfig | None, out: str, resume: bool = False, progress: bool 
                                                        purge_step=start_epoch * r.steps_per_epoch if resume else None)
     if engine.is_main:
         write_status(out, status="running", device=str(engine.device), torch=torch.__version__,
-                     engine=engine.describe())
+                     engine=engine.describe(), **({"ticket": ticket_summary(t.ticket)} if t.ticket else {}))
     guard = TrainingGuard(out, t, r.spec["num_classes"], r.model, writes=engine.is_main)  # divergence, overfitting
     if fell_back:  # resumed from an older checkpoint: replace the damaged 'last' right away
         ckpt.save("last", start_epoch, start_step, sums)
