@@ -12,6 +12,7 @@ from .config import config_from_dict
 from .data import load_split
 from .errors import UserError
 from .eval import evaluate
+from .eval.evaluator import point_count
 from .ofa import at_lambda, ofa_method_of
 from .runs.atomic import write_json_atomic
 from .runs.checkpoint import find_checkpoint, load_checkpoint, read_meta
@@ -56,25 +57,28 @@ def load_meta(path: str, which: str = "best") -> dict:
 
 
 def evaluate_run(path, suite=None, eps=None, norm=None, split=None, n=None, which="best", data_root=None,
-                 batch_size=None, seed=0, state=None, progress=True, lam=None, mix=None):
-    """Evaluate a run/checkpoint on its own dataset with the run's threat model unless overridden: (EvalResult, its
-    config). What ``robustsparse eval`` runs."""
+                 batch_size=None, seed=0, state=None, progress=True, lam=None, mix=None, autoattack_n=None):
+    """Evaluate a run/checkpoint on its own dataset with the run's threat model and protocol unless overridden:
+    (EvalResult, its config). What ``robustsparse eval`` runs.
+
+    ``n`` (the first n points of the split) and ``autoattack_n`` (AutoAttack on the first autoattack_n of those)
+    default to the run's ``eval.n`` and ``eval.autoattack_n``; ``"all"`` overrides either with every point."""
     meta = load_meta(path, which)
     cfg = config_from_dict(meta["config"])
     if data_root is not None:
         cfg.data.root = data_root
+    n = point_count(n, cfg.eval.n, "--n")
+    autoattack_n = point_count(autoattack_n, cfg.eval.autoattack_n, "--autoattack-n")
     model = load(path, which=which, device=_eval_device(), lam=lam, mix=mix)
     x, y = load_split(cfg, cfg.eval.split if split is None else split)
     if n is not None:
-        if n < 1:
-            raise UserError(f"--n must be >= 1, got {n}")
         x, y = x[:n], y[:n]
     if eps is None:
         eps = cfg.eval.eps if cfg.eval.eps is not None else cfg.attack.eps
     return evaluate(model, x, y, suite=cfg.eval.suite if suite is None else suite, eps=eps,
                     norm=norm or cfg.attack.norm, num_classes=meta["model_spec"]["num_classes"],
                     batch_size=batch_size or cfg.eval.batch_size, seed=seed, state_path=state,
-                    progress=progress), cfg
+                    progress=progress, autoattack_n=autoattack_n), cfg
 
 
 def _eval_device():

@@ -175,6 +175,9 @@ class EvalConfig:
     eps: typing.Optional[float] = None  # None: the training eps
     split: str = "test"
     n: typing.Optional[int] = None  # evaluate the first n images of the split (None: all)
+    autoattack_n: typing.Optional[int] = None  # AutoAttack (and its components) on the first autoattack_n of those
+    #                                            points only, the other attacks on all (None: the same points);
+    #                                            the Fashion-MNIST protocol: 1000 of 10,000, as Croce et al.
     batch_size: int = 500
 
 
@@ -257,6 +260,8 @@ def _validate_data_and_eval(cfg: RunConfig) -> None:
         _range("eval.eps", e.eps, lo=0.0, lo_open=True)
     if e.n is not None:
         _range("eval.n", e.n, lo=1)
+    if e.autoattack_n is not None:
+        _range("eval.autoattack_n", e.autoattack_n, lo=1, hi=e.n)
     _range("eval.batch_size", e.batch_size, lo=1)
     if (cfg.model.mean is None) != (cfg.model.std is None):
         raise UserError("model.mean and model.std must be given together (or neither)")

@@ -1,8 +1,9 @@
 """Command line: a thin layer over the public API. Every user error is one line on stderr and exit status 2.
 
-    robustsparse demo [--out DIR] [--quick]            the whole story on digits (grid, AWT, SMART sweep), one report
+    robustsparse demo [--data digits|fashion_mnist] [--out DIR] [--quick]   the whole story (grid, AWT, SMART sweep),
+                                                       one report; re-run the same command to continue
     robustsparse train CONFIG [k=v ...] --out DIR [--resume]
-    robustsparse eval RUN_OR_CKPT [--suite clean,pgd-20,autoattack] [--eps E] [--json]     (E may be 8/255)
+    robustsparse eval RUN_OR_CKPT [--suite clean,pgd-20,autoattack] [--eps E] [--autoattack-n K] [--json]  (8/255)
     robustsparse eval --model pkg.module:function --weights W.safetensors --data DATASET [--suite ...] [--eps E]
     robustsparse prune CONFIG [k=v ...] --method M --density D --out DIR   (prune --resume --out DIR continues)
     robustsparse compare CONFIG [k=v ...] --methods ... --densities ... --out DIR [--seeds 0,1,2]
@@ -31,8 +32,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=_version())
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("demo", help="the whole story on digits: dense PGD-AT, AWT and its baselines, SMART, report")
-    demo.add_argument("--out", default=None, help="demo folder (default: a new runs/demo[-N]); re-run to continue")
+    demo = sub.add_parser("demo", help="the whole story: dense PGD-AT, AWT and its baselines, SMART, one report")
+    demo.add_argument("--data", choices=tuple(DEMO_CONFIGS), default="digits",
+                      help="digits (default, minutes: the shipped digits_pgdat) or fashion_mnist (hours on a CPU: "
+                           "fmnist_pgdat, clean + PGD-20 on the 10,000 test points, AutoAttack on the first 1,000)")
+    demo.add_argument("--out", default=None,
+                      help="demo folder (default: runs/demo, runs/demo-fashion_mnist); re-run the same command to "
+                           "continue it")
     demo.add_argument("--density", type=float, default=0.05, help="density of the tickets (default 0.05)")
     demo.add_argument("--quick", action="store_true", help="skip the full AutoAttack of the headline models")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -68,6 +74,16 @@ def _parser() -> argparse.ArgumentParser:
                       help="comma-separated seeds: the grid once per seed in OUT/seed<s>/, then mean ± std in OUT")
     cmp_.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    _add_eval_parser(sub)
+    sub.add_parser("configs", help="list the configs shipped with the library")
+    add_posttrain_parser(sub)
+    add_sweep_parser(sub)
+    add_bench_parser(sub)
+    add_export_parser(sub)
+    return p
+
+
+def _add_eval_parser(sub) -> None:
     ev = sub.add_parser("eval", help="evaluate a run folder or checkpoint (or, with --model/--weights/--data, a model "
                                      "built elsewhere) with the one evaluator")
     ev.add_argument("path", nargs="?", default=None, help="run folder, checkpoint .json or .safetensors")
@@ -83,7 +99,11 @@ def _parser() -> argparse.ArgumentParser:
                          "eps; with --model: 8/255)")
     ev.add_argument("--norm", choices=("Linf", "L2"), default=None, help="threat model (default: the run's)")
     ev.add_argument("--split", default=None, help="dataset split (default: the run's eval.split, normally test)")
-    ev.add_argument("--n", type=int, default=None, help="evaluate only the first N images of the split")
+    ev.add_argument("--n", default=None,
+                    help="evaluate only the first N images of the split (default: the run's eval.n; all: every one)")
+    ev.add_argument("--autoattack-n", default=None, metavar="K",
+                    help="run AutoAttack (and its components) on the first K of those images only, the other "
+                         "attacks on all (default: the run's eval.autoattack_n; all: the same images)")
     ev.add_argument("--which", choices=("best", "last"), default="best", help="checkpoint of a run folder")
     ev.add_argument("--data-root", default=None, help="folder of on-disk data (default: the run's data.root)")
     ev.add_argument("--batch-size", type=int, default=None)
@@ -93,13 +113,6 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--mix", choices=("switch", "weight", "logit"), default=None, help="SMART: λ at inference")
     ev.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     ev.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-    sub.add_parser("configs", help="list the configs shipped with the library")
-    add_posttrain_parser(sub)
-    add_sweep_parser(sub)
-    add_bench_parser(sub)
-    add_export_parser(sub)
-    return p
 
 
 def _version() -> str:
@@ -145,36 +158,35 @@ def cmd_eval(args) -> int:
     else:
         result, _ = evaluate_run(args.path, args.suite, args.eps, args.norm, args.split, args.n, args.which,
                                  args.data_root, args.batch_size, args.seed, args.state,
-                                 progress=not args.no_progress, lam=args.lam, mix=args.mix)
+                                 progress=not args.no_progress, lam=args.lam, mix=args.mix,
+                                 autoattack_n=args.autoattack_n)
         label = args.path
     if args.json:
         print(json.dumps(result.to_dict(), indent=1))
     else:
-        print(f"{label}: {result.n} images")
+        print(f"{label}: {result.n:,} images")
         print(result.table())
         for w in result.warnings:
             print(f"warning: {w}", file=sys.stderr)
     return 0
 
 
-def _new_demo_dir() -> str:
-    base, i = os.path.join("runs", "demo"), 1
-    out = base
-    while os.path.exists(out):
-        i += 1
-        out = f"{base}-{i}"
-    return out
+# the demo's data -> (shipped config, default folder); a fixed folder, so that re-running the command continues it
+DEMO_CONFIGS = {"digits": ("digits_pgdat", os.path.join("runs", "demo")),
+                "fashion_mnist": ("fmnist_pgdat", os.path.join("runs", "demo-fashion_mnist"))}
 
 
 def cmd_demo(args) -> int:
     from ..config import load_config
     from ..pipelines.demo import run_story
 
-    out = args.out or _new_demo_dir()
-    cfg = load_config("digits_pgdat", args.overrides)
-    print(f"demo: digits, eps={cfg.attack.eps}, folder {out} (re-run the same command to continue)", file=sys.stderr)
+    config_name, default_out = DEMO_CONFIGS[args.data]
+    out = args.out or default_out
+    cfg = load_config(config_name, args.overrides)
+    print(f"demo: {args.data} ({config_name}), eps={cfg.attack.eps}, folder {out} (re-run the same command to "
+          "continue)", file=sys.stderr)
     report = run_story(cfg, out, density=args.density, final_suite=None if args.quick else cfg.eval.suite,
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, config_name=config_name)
     with open(report) as fh:
         print(fh.read())
     print(f"report: {report}")

@@ -66,7 +66,8 @@ def cmd_posttrain(args) -> int:
         print(f"  training cost: {stages} = {total['epochs']} epochs, {total['seconds']:.0f} s")
         ev = result.evals.get(o.density)
         if ev is not None:
+            from ..eval.evaluator import column_label
             for key, acc in ev["accuracy"].items():
-                print(f"  {ev['attacks'][key]}: {acc:.2%}")
+                print(f"  {column_label(ev, key)}: {acc:.2%}")
     print(f"pipeline folder: {result.out} (cost.json, and rounds.jsonl for imp)")
     return 0

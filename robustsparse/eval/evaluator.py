@@ -10,6 +10,12 @@ Suite items (comma-separated on the CLI):
 A point counts as robust under an attack only if it is classified correctly both clean and attacked, so every
 robust accuracy is ≤ the clean accuracy by construction; attacks spend their budget only on clean-correct points
 (and AutoAttack only on points still robust). ``worst_case`` is the pointwise worst case over every attack run.
+
+The protocol (``autoattack_n``): every item runs on all the points given, except that AutoAttack and its
+components alone may run on the first ``autoattack_n`` of them, the fixed subset of Croce et al. (the first 1,000
+test points) next to clean and PGD-20 on all 10,000. Every result records the points of each item
+(``EvalResult.points``), every table names them, and ``worst_case`` is then taken over the subset, the only
+points on which every attack ran (``worst_case_points``).
 Everything here runs in fp32 with autocast off, whatever precision the caller trains in (`attacks.base.full_precision`).
 """
 from __future__ import annotations
@@ -32,6 +38,7 @@ from . import checks
 from .state import EvalState, model_digest
 
 _PGD = re.compile(r"^pgd-(\d+)(?:x(\d+))?$")
+AUTOATTACK_ITEMS = ("autoattack", *COMPONENTS)  # the items ``autoattack_n`` restricts
 
 
 @dataclass
@@ -45,18 +52,71 @@ class EvalResult:
     autoattack_components: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
+    points: dict[str, int] = field(default_factory=dict)  # item -> the number of points it ran on (the first ones)
+    worst_case_points: int | None = None  # the points ``worst_case`` is taken over (those every attack ran on)
+    clean_on_subset: float | None = None  # clean accuracy on the AutoAttack subset, when it is one
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def table(self) -> str:
-        """Markdown table: one row per attack, with its full budget, then the pointwise worst case."""
-        rows = ["| attack (budget) | accuracy |", "|---|---|"]
+        """Markdown table: one row per attack, with its full budget and its points, then the pointwise worst case."""
+        rows = ["| attack (budget) | points | accuracy |", "|---|---:|---:|"]
         for item, acc in self.accuracy.items():
-            rows.append(f"| {self.attacks[item]} | {acc:.2%} |")
+            rows.append(f"| {self.attacks[item]} | {points_text(self.points.get(item, self.n), self.n)} | {acc:.2%} |")
+        if self.clean_on_subset is not None:
+            k = self.worst_case_points
+            rows.append(f"| clean (no attack), on the AutoAttack points | {points_text(k, self.n)} | "
+                        f"{self.clean_on_subset:.2%} |")
         if self.worst_case is not None:
-            rows.append(f"| worst case over all attacks above (pointwise) | {self.worst_case:.2%} |")
+            rows.append(f"| worst case over all attacks above (pointwise) | "
+                        f"{points_text(self.worst_case_points or self.n, self.n)} | {self.worst_case:.2%} |")
         return "\n".join(rows)
+
+
+def points_text(points: int, n: int) -> str:
+    """``10,000`` for all the points, ``first 1,000`` for a prefix of them."""
+    return f"{points:,}" if points >= n else f"first {points:,}"
+
+
+def column_label(result: dict, item: str) -> str:
+    """A table column's header for ``item`` of a result dict (``EvalResult.to_dict``, an eval.json, a sweep point):
+    attack, budget and the points it ran on. Results written before points were recorded name no points."""
+    desc = result["attacks"][item]
+    points = result.get("points", {}).get(item)
+    if points is None:
+        return desc
+    n = result.get("n", points)
+    return f"{desc}, {points:,} points" if points >= n else f"{desc}, first {points:,} of {n:,} points"
+
+
+def subset_size(autoattack_n, n: int) -> int | None:
+    """``autoattack_n`` checked against the ``n`` points evaluated: None (all of them) or 1 ≤ k < n (k = n is
+    normalised to None, so that the state and the result are those of an evaluation without a subset)."""
+    if autoattack_n is None:
+        return None
+    if isinstance(autoattack_n, bool) or not isinstance(autoattack_n, int) or not 1 <= autoattack_n <= n:
+        raise UserError(f"autoattack_n (eval.autoattack_n, --autoattack-n) must be an integer from 1 to the {n:,} "
+                        f"points evaluated, got {autoattack_n!r}; use null (--autoattack-n all) for the same points "
+                        "as the other attacks")
+    return None if autoattack_n == n else int(autoattack_n)
+
+
+def point_count(value, default, flag: str) -> int | None:
+    """A number of points from a caller: None takes ``default`` (the run's config), ``"all"`` means every point
+    (None), else an integer ≥ 1."""
+    if value is None:
+        return default
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return None
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            raise UserError(f"{flag} must be a positive integer or all, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{flag} must be >= 1 (or all), got {value!r}")
+    return value
 
 
 def parse_suite(suite) -> list[str]:
@@ -150,19 +210,21 @@ def _check_budget(x_adv, x, eps, norm):
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite="clean,pgd-20,autoattack",
              eps: float = 8 / 255, norm: str = "Linf", num_classes: int | None = None, batch_size: int = 256,
              seed: int = 0, state_path: str | None = None, progress: bool = True,
-             run_checks: bool = True) -> EvalResult:
+             run_checks: bool = True, autoattack_n: int | None = None) -> EvalResult:
     """Run a named attack suite on ``model`` over (x, y) and return per-attack and worst-case accuracy.
 
     ``x`` must be float images in [0, 1]; the model is attacked in eval mode with parameter gradients off, exactly
     as given (for a conditional model, pass the module already configured for its λ/mask/BN path), in fp32:
-    autocast is off inside, even if the caller holds a bf16/fp16 autocast context.
+    autocast is off inside, even if the caller holds a bf16/fp16 autocast context. ``autoattack_n`` runs
+    AutoAttack (and its components alone) on the first ``autoattack_n`` points only, the others on all.
     """
     with full_precision(_model_device(model)):
         return _evaluate(model, x, y, suite, eps, norm, num_classes, batch_size, seed, state_path, progress,
-                         run_checks)
+                         run_checks, autoattack_n)
 
 
-def _evaluate(model, x, y, suite, eps, norm, num_classes, batch_size, seed, state_path, progress, run_checks):
+def _evaluate(model, x, y, suite, eps, norm, num_classes, batch_size, seed, state_path, progress, run_checks,
+              autoattack_n):
     items = parse_suite(suite)
     if norm not in ("Linf", "L2"):
         raise UserError(f"norm must be Linf or L2, got {norm!r}")
@@ -174,12 +236,15 @@ def _evaluate(model, x, y, suite, eps, norm, num_classes, batch_size, seed, stat
         raise UserError("evaluation images must lie in [0, 1]; normalisation belongs inside the model")
     if "fgsm" in items and norm != "Linf":
         raise UserError("fgsm is an L∞ attack; drop it from the suite for norm L2")
+    subset = subset_size(autoattack_n, len(y))
     device = _model_device(model)
     x, y = x.to(device), y.to(device)
     num_classes = int(num_classes or int(y.max()) + 1)
     signature = {"suite": items, "eps": eps, "norm": norm, "n": len(y), "seed": seed,
                  "labels_sum": int(y.sum()), "x_sum": round(float(x.double().sum()), 4),
                  "model": model_digest(model) if state_path else None}  # hashing the weights only when it matters
+    if subset is not None:  # only then: a state written before the subset existed stays valid for all points
+        signature["autoattack_n"] = subset
     state = EvalState.open(state_path, signature)
     torch.manual_seed(seed)
     warnings: list[str] = []
@@ -193,47 +258,64 @@ def _evaluate(model, x, y, suite, eps, norm, num_classes, batch_size, seed, stat
     aa_components: dict[str, float] = {}
     for item in items:
         start = time.perf_counter()
+        k = subset if subset is not None and item in AUTOATTACK_ITEMS else len(y)
         if item in state.flags:
             flags[item] = torch.tensor(state.flags[item], device=device)
         elif item == "clean":
             flags[item] = clean_ok
         elif item == "autoattack":
-            flags[item] = _autoattack(model, x, y, clean_ok, eps, norm, num_classes, batch_size, seed, state,
-                                      state_path, progress, aa_components, warnings)
+            flags[item] = _autoattack(model, x[:k], y[:k], clean_ok[:k], eps, norm, num_classes, batch_size, seed,
+                                      state, state_path, progress, aa_components, warnings)
         else:
-            desc = describe_item(item, eps, norm, num_classes)
-            with progress_bar(total=int(clean_ok.sum()), desc=desc, enabled=progress) as bar:
-                chunks = _chunk_runner(state, state_path, item, batch_size, seed, bar)
-                if item in COMPONENTS:
-                    flags[item] = run_component(item, model, x, y, clean_ok, eps, norm, num_classes, batch_size,
-                                                seed, chunks=chunks)
-                else:
-                    if item == "fgsm":
-                        attack = FGSM(model, eps)
-                    else:
-                        steps, restarts = _pgd_budget(item)
-                        attack = PGD(model, eps, steps=steps, norm=norm, restarts=restarts)
-                    flags[item] = _attack_flags(attack, model, x, y, clean_ok, batch_size, chunks)
+            flags[item] = _run_item(item, model, x[:k], y[:k], clean_ok[:k], eps, norm, num_classes, batch_size,
+                                    seed, state, state_path, progress)
         if item not in state.flags:
             state.flags[item] = flags[item].tolist()
             state.seconds[item] = time.perf_counter() - start
             state.save(state_path)
+    return _result(items, flags, clean_ok, eps, norm, num_classes, aa_components, warnings, state.seconds)
 
+
+def _run_item(item, model, x, y, clean_ok, eps, norm, num_classes, batch_size, seed, state, state_path, progress):
+    """Flags of one attack other than the AutoAttack cascade, on the clean-correct points of (x, y)."""
+    desc = describe_item(item, eps, norm, num_classes)
+    with progress_bar(total=int(clean_ok.sum()), desc=desc, enabled=progress) as bar:
+        chunks = _chunk_runner(state, state_path, item, batch_size, seed, bar)
+        if item in COMPONENTS:
+            return run_component(item, model, x, y, clean_ok, eps, norm, num_classes, batch_size, seed,
+                                 chunks=chunks)
+        if item == "fgsm":
+            attack = FGSM(model, eps)
+        else:
+            steps, restarts = _pgd_budget(item)
+            attack = PGD(model, eps, steps=steps, norm=norm, restarts=restarts)
+        return _attack_flags(attack, model, x, y, clean_ok, batch_size, chunks)
+
+
+def _result(items, flags, clean_ok, eps, norm, num_classes, aa_components, warnings, seconds) -> EvalResult:
+    """Accuracies, points and the pointwise worst case from per-point flags. Each item's flags cover the first
+    ``len(flags[item])`` points, so the worst case and the PGD-vs-AutoAttack check use the points all attacks share."""
+    n = len(clean_ok)
+    points = {item: len(flags[item]) for item in items}
+    for item in items:  # robust implies clean-correct, pointwise; cannot fail by construction
+        if bool((flags[item] & ~clean_ok[:points[item]]).any()):
+            raise RuntimeError(f"a point robust under {item} is misclassified clean; this is a bug")
     accuracy = {item: flags[item].float().mean().item() for item in items}
-    adversarial = [flags[i] for i in items if i != "clean"]
+    adversarial = [i for i in items if i != "clean"]
+    shared = min((points[i] for i in adversarial), default=n)
     worst = None
     if adversarial:
-        worst = torch.stack(adversarial).all(0).logical_and(clean_ok).float().mean().item()
+        worst = torch.stack([flags[i][:shared] for i in adversarial]).all(0).float().mean().item()
     if "autoattack" in items:
+        k = points["autoattack"]
         warnings += checks.check_pgd_beats_autoattack(
-            {describe_item(i, eps, norm, num_classes): accuracy[i] for i in items if _PGD.match(i)},
-            accuracy["autoattack"])
-    for item in items:
-        if accuracy[item] > accuracy.get("clean", accuracy[item]) + 1e-12:  # cannot happen by construction
-            raise RuntimeError(f"robust accuracy under {item} exceeds clean accuracy; this is a bug")
-    return EvalResult(n=len(y), eps=eps, norm=norm, accuracy=accuracy,
+            {describe_item(i, eps, norm, num_classes): flags[i][:k].float().mean().item()
+             for i in items if _PGD.match(i)}, accuracy["autoattack"])
+    return EvalResult(n=n, eps=eps, norm=norm, accuracy=accuracy,
                       attacks={i: describe_item(i, eps, norm, num_classes) for i in items}, worst_case=worst,
-                      autoattack_components=aa_components, warnings=warnings, seconds=dict(state.seconds))
+                      autoattack_components=aa_components, warnings=warnings, seconds=dict(seconds), points=points,
+                      worst_case_points=shared if adversarial else None,
+                      clean_on_subset=clean_ok[:shared].float().mean().item() if shared < n else None)
 
 
 def _autoattack(model, x, y, clean_ok, eps, norm, num_classes, batch_size, seed, state, state_path, progress,

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from .evaluator import EvalResult, evaluate, parse_eps
+from .evaluator import EvalResult, evaluate, parse_eps, point_count
 
 _SPEC = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*$")
 _MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
@@ -128,9 +128,10 @@ def _probe(net: nn.Module, x: torch.Tensor, num_classes: int, model: str, data: 
 def evaluate_external(model: str, weights: str, data: str, suite="clean,pgd-20", eps=8 / 255, norm: str = "Linf",
                       split: str = "test", n: int | None = None, data_root: str | None = None, batch_size: int = 256,
                       seed: int = 0, state_path: str | None = None, progress: bool = True,
-                      device: str | torch.device | None = None) -> EvalResult:
+                      device: str | torch.device | None = None, autoattack_n: int | None = None) -> EvalResult:
     """Evaluate the model built by ``model`` with ``weights`` on ``split`` of dataset ``data`` (see module doc).
-    ``eps`` may be a fraction such as ``"8/255"``; ``n`` keeps the first ``n`` images of the split."""
+    ``eps`` may be a fraction such as ``"8/255"``; ``n`` keeps the first ``n`` images of the split, and
+    ``autoattack_n`` runs AutoAttack on the first ``autoattack_n`` of those only (the evaluator's protocol)."""
     from ..data import dataset_spec, load_dataset
 
     eps = parse_eps(eps)
@@ -146,7 +147,8 @@ def evaluate_external(model: str, weights: str, data: str, suite="clean,pgd-20",
         x, y = x[:n], y[:n]
     _probe(net, x, spec.num_classes, model, data)
     return evaluate(net, x, y, suite=suite, eps=eps, norm=norm, num_classes=spec.num_classes,
-                    batch_size=batch_size, seed=seed, state_path=state_path, progress=progress)
+                    batch_size=batch_size, seed=seed, state_path=state_path, progress=progress,
+                    autoattack_n=autoattack_n)
 
 
 def evaluate_cli_args(args) -> EvalResult:
@@ -162,6 +164,7 @@ def evaluate_cli_args(args) -> EvalResult:
         raise UserError(f"{', '.join(stray)} belong to evaluating a run of robustsparse, not --model/--weights")
     return evaluate_external(args.model, args.weights, args.data, suite=args.suite or "clean,pgd-20,autoattack",
                              eps=8 / 255 if args.eps is None else args.eps, norm=args.norm or "Linf",
-                             split=args.split or "test", n=args.n, data_root=args.data_root,
-                             batch_size=args.batch_size or 256, seed=args.seed, state_path=args.state,
-                             progress=not args.no_progress)
+                             split=args.split or "test", n=point_count(args.n, None, "--n"),
+                             data_root=args.data_root, batch_size=args.batch_size or 256, seed=args.seed,
+                             state_path=args.state, progress=not args.no_progress,
+                             autoattack_n=point_count(args.autoattack_n, None, "--autoattack-n"))

@@ -33,6 +33,7 @@ from ..api import eval_stage, load, load_meta
 from ..config import RunConfig, config_from_dict
 from ..data import load_split
 from ..errors import UserError
+from ..eval.evaluator import column_label
 from ..models.bn import calibrate_bn
 from ..posttrain import AFTER_TRAINING, posttrain  # importing the package registers hydra, lwm and imp
 from ..prune import PRUNERS
@@ -172,7 +173,7 @@ def _row(method, density, ev, run_dir, prune_s, train_s, ntk_dists, stages):
     spec = meta["model_spec"]
     report = sparsity_report(load(run_dir), (spec["in_channels"], *spec["input_size"]))
     return {"method": method, "density": density, "accuracy": ev["accuracy"], "attacks": ev["attacks"],
-            "worst_case": ev["worst_case"], "nonzero_params": report.nonzero_params,
+            "n": ev["n"], "points": ev.get("points", {}), "worst_case": ev["worst_case"], "nonzero_params": report.nonzero_params,
             "total_params": report.total_params, "sparse_macs": report.sparse_macs, "prune_seconds": prune_s,
             "train_seconds": train_s, "ntk_distance_at_init": ntk_dists[0],
             "ntk_distance_at_init_batch_bn": ntk_dists[1], "warnings": ev["warnings"],
@@ -205,7 +206,7 @@ def search_cost_lines(rows: list[dict]) -> str:
 def _write_results(out: str, rows: list[dict], suite: str) -> None:
     write_json_atomic(os.path.join(out, "results.json"), rows, sort_keys=False)
     items = list(rows[0]["accuracy"])
-    head = ["method", "density"] + [rows[0]["attacks"][i] for i in items] + \
+    head = ["method", "density"] + [column_label(rows[0], i) for i in items] + \
         ["non-zero params", *NTK_HEADS, "training epochs (total)", "training wall s (total)"]
     lines = _markdown_table(head, [
         [r["method"], f"{r['density']:g}"] + [f"{r['accuracy'][i]:.2%}" for i in items] +
@@ -252,6 +253,7 @@ def seed_statistics(per_seed: list[list[dict]]) -> list[dict]:
         rows.append({"method": first["method"], "density": first["density"], "family": first.get("family"),
                      "seeds": len(cells), "accuracy": {k: m for k, (m, _) in acc.items()},
                      "accuracy_std": {k: s for k, (_, s) in acc.items()}, "attacks": first["attacks"],
+                     "n": first.get("n"), "points": first.get("points", {}),
                      "per_seed_accuracy": {k: [c["accuracy"][k] for c in cells] for k in first["accuracy"]},
                      "nonzero_params": round(sum(c["nonzero_params"] for c in cells) / len(cells)),
                      **{k: None if ntk[k] is None else ntk[k][0] for k in NTK_KEYS},
@@ -263,7 +265,7 @@ def seed_statistics(per_seed: list[list[dict]]) -> list[dict]:
 def _write_seed_results(out: str, rows: list[dict], seeds: list[int]) -> None:
     write_json_atomic(os.path.join(out, "results.json"), {"seeds": seeds, "rows": rows}, sort_keys=False)
     items = list(rows[0]["accuracy"])
-    head = ["method", "density"] + [rows[0]["attacks"][i] for i in items] + \
+    head = ["method", "density"] + [column_label(rows[0], i) for i in items] + \
         ["non-zero params", *NTK_HEADS, "wall s per seed (mean)"]
     lines = _markdown_table(head, [
         [r["method"], f"{r['density']:g}"] + [f"{r['accuracy'][i]:.2%} ± {r['accuracy_std'][i]:.2%}" for i in items] +

@@ -1,4 +1,5 @@
-"""``robustsparse demo``: the whole story on digits in one command and one report.
+"""``robustsparse demo``: the whole story in one command and one report, on digits (``make demo``, minutes) or
+Fashion-MNIST (``robustsparse demo --data fashion_mnist``, the shipped ``fmnist_pgdat``; hours on a CPU).
 
     <out>/grid/              dense PGD-AT and every at-init method (AWT included) at one density (compare.py)
     <out>/smart/             SMART, trained once (train.method=smart)
@@ -7,8 +8,11 @@
     <out>/report.md          the tables, density_robustness.png and tradeoff.png
 
 The grid and the sweep use ``suite`` (default clean + PGD-20) so that the story fits in one sitting on a CPU; the
-headline models get the full AutoAttack (``final_suite``). Every stage is skipped when done and resumed when
-killed, so re-running the same command continues the demo.
+headline models get the full AutoAttack (``final_suite``). Every evaluation follows the config's protocol through
+the one evaluator: ``eval.n`` points of ``eval.split`` (None: all), AutoAttack on the first ``eval.autoattack_n`` of
+them (Fashion-MNIST: clean and PGD-20 on the 10,000 test points, AutoAttack on the first 1,000), and every table
+names the points of each column. Every stage is skipped when done and resumed when killed, so re-running the same
+command continues the demo.
 """
 from __future__ import annotations
 
@@ -21,10 +25,12 @@ import time
 from ..api import evaluate_run
 from ..config import RunConfig
 from ..errors import UserError
+from ..eval.evaluator import column_label
 from ..runs.atomic import write_json_atomic, write_text_atomic
 from ..train.stages import train_stage
 
 METHODS = ("random", "magnitude", "snip", "grasp", "synflow", "ntt", "awt")
+DATA_TITLES = {"digits": "Digits (scikit-learn, 8×8)", "fashion_mnist": "Fashion-MNIST (28×28)"}
 
 
 def _say(msg: str) -> None:
@@ -44,8 +50,9 @@ def _final_eval(path: str, key: str, suite: str, results: dict, results_path: st
 
 def run_story(cfg: RunConfig, out: str, density: float = 0.05, methods=METHODS, suite: str = "clean,pgd-20",
               final_suite: str | None = "clean,pgd-20,autoattack", lams: str = "0:1:0.2",
-              progress: bool = True) -> str:
-    """Run (or continue) the demo in ``out``; returns the report's path. ``final_suite=None`` skips AutoAttack."""
+              progress: bool = True, config_name: str = "digits_pgdat") -> str:
+    """Run (or continue) the demo in ``out``; returns the report's path. ``final_suite=None`` skips AutoAttack.
+    ``config_name`` is the shipped config ``cfg`` came from, named in the report."""
     from .compare import run_compare
     from .sweep import sweep
 
@@ -66,7 +73,7 @@ def run_story(cfg: RunConfig, out: str, density: float = 0.05, methods=METHODS, 
     _say(f"3/4 lambda sweep ({lams}) of SMART next to dense PGD-AT")
     t = time.perf_counter()
     sweep([smart_dir, dense_dir], lams, suite=suite, out=os.path.join(out, "sweep"), n=cfg.eval.n,
-          progress=progress)
+          autoattack_n=cfg.eval.autoattack_n, progress=progress)
     clock["sweep"] = time.perf_counter() - t
 
     final = {}
@@ -85,22 +92,34 @@ def run_story(cfg: RunConfig, out: str, density: float = 0.05, methods=METHODS, 
             _final_eval(smart_dir, f"SMART lam={lam:g}", final_suite, final, final_path, lam=lam)
         clock["autoattack"] = time.perf_counter() - t
     clock["total"] = time.perf_counter() - started
-    return _write_report(out, cfg, density, rows, final, clock)
+    return _write_report(out, cfg, config_name, density, rows, final, clock)
 
 
-def _write_report(out: str, cfg: RunConfig, density: float, rows: list[dict], final: dict, clock: dict) -> str:
+def protocol_line(cfg: RunConfig) -> str:
+    """The evaluation protocol of ``cfg`` in words (the points of each attack; budgets are in the column heads)."""
+    points = "every point" if cfg.eval.n is None else f"the first {cfg.eval.n:,} points"
+    aa = "the same points" if cfg.eval.autoattack_n is None else f"the first {cfg.eval.autoattack_n:,} of them"
+    return (f"Evaluation protocol (the one evaluator, `eval.*` of the config): clean and PGD (α = ε/4, random "
+            f"start) on {points} of the {cfg.eval.split} split; AutoAttack (standard, full budget) on {aa}.")
+
+
+def _write_report(out: str, cfg: RunConfig, config_name: str, density: float, rows: list[dict], final: dict,
+                  clock: dict) -> str:
     with open(os.path.join(out, "grid", "results.md")) as fh:
         grid_md = fh.read().split("\n", 2)[2].replace("](density_robustness.png)", "](grid/density_robustness.png)")
     with open(os.path.join(out, "sweep", "sweep.md")) as fh:
         sweep_md = fh.read().split("\n", 2)[2].replace("](tradeoff.png)", "](sweep/tradeoff.png)")
+    title = DATA_TITLES.get(cfg.data.name, cfg.data.name)
     lines = ["# robustsparse demo: dense PGD-AT, sparse tickets at initialisation (AWT and baselines), SMART", "",
-             f"Digits, L∞ eps={cfg.attack.eps:g}, every model trained with the shipped `digits_pgdat` schedule "
-             f"({cfg.train.epochs} epochs, PGD-{cfg.attack.steps}); evaluated on the {cfg.eval.split} split.", ""]
+             f"{title}, L∞ eps={cfg.attack.eps:g}, every model trained with the shipped `{config_name}` schedule "
+             f"({cfg.train.epochs} epochs, PGD-{cfg.attack.steps}); evaluated on the {cfg.eval.split} split.", "",
+             protocol_line(cfg), ""]
     if final:
-        items = list(next(iter(final.values()))["accuracy"])
-        attacks = next(iter(final.values()))["attacks"]
+        first = next(iter(final.values()))
+        items = list(first["accuracy"])
         lines += ["## Headline models under the full evaluation", "",
-                  "| model | " + " | ".join(attacks[i] for i in items) + " |", "|---|" + "---:|" * len(items)]
+                  "| model | " + " | ".join(column_label(first, i) for i in items) + " |",
+                  "|---|" + "---:|" * len(items)]
         for key, res in final.items():
             lines.append(f"| {key} | " + " | ".join(f"{res['accuracy'][i]:.2%}" for i in items) + " |")
         lines.append("")

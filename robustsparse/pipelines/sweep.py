@@ -10,7 +10,9 @@ clean-vs-robust trade-off and tabulate accuracy and cost per inference path.
 
 Resumable: a point's attack already in sweep.json is skipped, so re-running the command (with more λs or more
 attacks, e.g. AutoAttack only at λ ∈ {0, 1}) adds to the same file. Settings that change the numbers (ε, norm,
-split, n, seed) are fixed per ``out`` folder; a different one is refused. ``out`` defaults to ``<first run>/sweep``.
+split, n, autoattack_n, seed) are fixed per ``out`` folder; a different one is refused. ``out`` defaults to
+``<first run>/sweep``. The protocol (``n``, ``autoattack_n``: AutoAttack on the first autoattack_n points, the other
+attacks on all n) defaults to the first run's ``eval.n`` and ``eval.autoattack_n``, as ``robustsparse eval`` does.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from ..api import load, load_meta
 from ..config import config_from_dict
 from ..data import load_split
 from ..errors import UserError
-from ..eval.evaluator import evaluate, parse_suite
+from ..eval.evaluator import column_label, evaluate, parse_suite, point_count, subset_size
 from ..ofa.base import check_lambda
 from ..ofa.cost import cost_table, path_cost
 from ..runs.atomic import savefig_atomic, write_json_atomic, write_text_atomic
@@ -77,13 +79,13 @@ def _save(path: str, data: dict) -> None:
     write_json_atomic(path, data, sort_keys=False)
 
 
-def _check_request(runs, lams, suite: str, n, mix) -> tuple[list[float], list[str]]:
+def _check_request(runs, lams, suite: str, n, autoattack_n, mix) -> tuple[list[float], list[str]]:
     if isinstance(runs, str) or not runs:
         raise UserError("sweep needs a list of one or more run folders")
     lams = parse_lams(lams) if isinstance(lams, str) else sorted(set(check_lambda(v) for v in lams))
     items = parse_suite(suite)
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-        raise UserError(f"n must be a positive integer, got {n!r}")
+    point_count(n, None, "n")  # the form only here; the first run's config fills in None later
+    point_count(autoattack_n, None, "autoattack_n")
     if mix is not None and mix not in ("switch", "weight", "logit"):
         raise UserError(f"mix must be switch, weight or logit, got {mix!r}")
     return lams, items
@@ -141,37 +143,46 @@ def _evaluate_run_at(info: dict, label: str, lam, run_mix, ctx: dict) -> None:
         state = os.path.join(out, "state", f"{label}-{lam_txt}-{run_mix or 'na'}-{item}.json")
         res = evaluate(model, x, y, suite=item, eps=ctx["eps"], norm=ctx["norm"], num_classes=spec["num_classes"],
                        batch_size=ctx["batch_size"] or info["cfg"].eval.batch_size, seed=ctx["seed"],
-                       state_path=state, progress=ctx["progress"])
+                       state_path=state, progress=ctx["progress"], autoattack_n=ctx["autoattack_n"])
         point["accuracy"][item] = res.accuracy[item]
         point["attacks"][item] = res.attacks[item]
+        point["n"] = res.n
+        point.setdefault("points", {})[item] = res.points[item]
         point["warnings"] = sorted(set(point["warnings"]) | set(res.warnings))
         _save(path, data)
     _save(path, data)
 
 
 def sweep(runs: list[str], lams: list[float] | str = "0:1:0.1", suite: str = "clean,pgd-20", out: str | None = None,
-          mix: str | None = None, eps: float | None = None, n: int | None = None, which: str = "best",
-          split: str | None = None, batch_size: int | None = None, seed: int = 0, progress: bool = True) -> dict:
+          mix: str | None = None, eps: float | None = None, n: int | str | None = None, which: str = "best",
+          split: str | None = None, batch_size: int | None = None, seed: int = 0, progress: bool = True,
+          autoattack_n: int | str | None = None) -> dict:
     """Evaluate every run (each once-for-all run at every λ in ``lams``) and write sweep.json/md and tradeoff.png
-    in ``out``; returns the sweep.json content. ``mix`` overrides SMART runs' ``ofa.mix``."""
-    lams, items = _check_request(runs, lams, suite, n, mix)
+    in ``out``; returns the sweep.json content. ``mix`` overrides SMART runs' ``ofa.mix``. ``n`` and
+    ``autoattack_n`` default to the first run's ``eval.n``/``eval.autoattack_n``; ``"all"``: every point."""
+    lams, items = _check_request(runs, lams, suite, n, autoattack_n, mix)
     infos = [_run_info(r, which) for r in runs]
     eps = _common_threat(infos, eps)
     first = infos[0]["cfg"]
     norm = first.attack.norm
     split = split or first.eval.split
+    n = point_count(n, first.eval.n, "n")
     out = out or os.path.join(runs[0], "sweep")
-    settings = {"format": FORMAT, "data": first.data.name, "split": split, "n": n, "eps": eps, "norm": norm,
-                "seed": seed, "which": which}
-    path = os.path.join(out, "sweep.json")
-    data = _open_sweep(path, settings)
     x, y = load_split(first, split)
     if n is not None:
         x, y = x[:n], y[:n]
+    autoattack_n = subset_size(point_count(autoattack_n, first.eval.autoattack_n, "autoattack_n"), len(y))
+    settings = {"format": FORMAT, "data": first.data.name, "split": split, "n": n, "eps": eps, "norm": norm,
+                "seed": seed, "which": which}
+    if autoattack_n is not None:  # only then: a sweep folder written before the protocol existed stays valid
+        settings["autoattack_n"] = autoattack_n
+    path = os.path.join(out, "sweep.json")
+    data = _open_sweep(path, settings)
     os.makedirs(os.path.join(out, "state"), exist_ok=True)
     ctx = {"data": data, "points": {(p["path"], p["lam"], p["mix"]): p for p in data["points"]}, "out": out,
            "path": path, "items": items, "which": which, "device": "cuda" if torch.cuda.is_available() else "cpu",
-           "xy": (x, y), "eps": eps, "norm": norm, "batch_size": batch_size, "seed": seed, "progress": progress}
+           "xy": (x, y), "eps": eps, "norm": norm, "batch_size": batch_size, "seed": seed, "progress": progress,
+           "autoattack_n": autoattack_n}
     for info, label in zip(infos, _labels(runs)):
         spec = info["meta"]["model_spec"]
         ctx["conditional"] = build_from_spec(spec) if info["conditional"] else None
@@ -194,16 +205,18 @@ def _item_order(points: list[dict]) -> list[str]:
 def write_outputs(out: str, data: dict) -> None:
     points = data["points"]
     items = _item_order(points)
-    descriptions = {}
+    descriptions, heads = {}, {}
     for p in points:
         descriptions.update(p["attacks"])
+        heads.update({i: column_label(p, i) for i in p["attacks"] if i not in heads})
     s = data["settings"]
-    n_txt = "all" if s["n"] is None else f"the first {s['n']}"
+    n_txt = "all" if s["n"] is None else f"the first {s['n']:,}"
+    aa_txt = "" if s.get("autoattack_n") is None else f" (AutoAttack on the first {s['autoattack_n']:,} of them)"
     lines = ["# λ sweep: clean vs robust trade-off", "",
-             f"Data: `{s['data']}`, {n_txt} images of the `{s['split']}` split; threat model {s['norm']} "
+             f"Data: `{s['data']}`, {n_txt} images of the `{s['split']}` split{aa_txt}; threat model {s['norm']} "
              f"eps={s['eps']:.4g}; checkpoint `{s['which']}`. Each once-for-all run is evaluated as the plain module "
              "`rs.load(run, lam=λ)` returns, attacked through that same λ path.", "",
-             "| run | method | λ | mix | " + " | ".join(descriptions.get(i, i) for i in items) + " |",
+             "| run | method | λ | mix | " + " | ".join(heads.get(i, i) for i in items) + " |",
              "|---|---|---:|---|" + "---:|" * len(items)]
     for p in sorted(points, key=lambda p: (p["label"], p["mix"] or "", -1 if p["lam"] is None else p["lam"])):
         lam = "–" if p["lam"] is None else f"{p['lam']:g}"

@@ -104,7 +104,7 @@ def pipeline(pipe) -> list[Outcome]:
             row = {"round": r, "density_target": density, "density": mask.density(), "kept": mask.kept(),
                    "nested_in_previous": nested, "requested": requested, "epochs": cost["epochs"],
                    "train_seconds": cost["seconds"], "split": pipe.cfg.eval.split, "n": ev["n"],
-                   "accuracy": ev["accuracy"], "attacks": ev["attacks"]}
+                   "accuracy": ev["accuracy"], "attacks": ev["attacks"], "points": ev.get("points", {})}
             with open(log_path, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
             logged[r] = row

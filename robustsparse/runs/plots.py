@@ -65,6 +65,9 @@ def plot_density_robustness(rows: list[dict], path: str) -> str | None:
     else:  # a suite without attacks (--suite clean): plot what there is, and say so
         key = "clean"
     label = rows[0]["attacks"].get(key, "clean (no attack)")
+    points = rows[0].get("points", {}).get(key)  # the points the attack ran on, as every table names them
+    if points is not None:
+        label += f", {points:,} points"
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
         cells = [r for r in rows if r["method"] == method]
