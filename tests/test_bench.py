@@ -143,8 +143,8 @@ def test_bench_inference_is_handed_to_export(monkeypatch, capsys):
 
 
 def test_the_peak_follows_the_documented_formula(tmp_path):
-    """cores x clock x FLOP/cycle: 2 FMA x 16 lanes x 2 with AVX-512 on Intel, 8 lanes on AMD or with AVX2; bf16
-    2x fp32 with AVX512-BF16, 1024/cycle with AMX-BF16; parsed from a cpuinfo file as the kernel writes it."""
+    """cores x clock x FLOP/cycle: 2 FMA x 16 lanes x 2 with AVX-512 on Intel, 8 lanes on AMD before Zen 5 or with AVX2; bf16
+    2x fp32 with AVX512-BF16, 1024/cycle with AMX-BF16; Zen 5 (family 26) at 16 lanes; parsed from a cpuinfo file as the kernel writes it."""
     from robustsparse.runs.machine import cpu_peak, cpuinfo
     text = "".join(f"processor\t: {i}\nvendor_id\t: GenuineIntel\nmodel name\t: Xeon\ncpu MHz\t\t: 2000.000\n"
                    f"physical id\t: 0\ncore id\t\t: {i}\nflags\t\t: fma avx2 avx512f avx512_bf16 amx_bf16\n\n"
@@ -157,5 +157,11 @@ def test_the_peak_follows_the_documented_formula(tmp_path):
     assert intel["cores"] == 1 and intel["fp32"] == pytest.approx(hz * 64) and intel["bf16"] == pytest.approx(hz * 1024)
     vnni = cpu_peak(threads=1, info={**info, "flags": {"avx512f", "avx512_bf16"}})
     assert vnni["bf16"] == pytest.approx(2 * vnni["fp32"]) and vnni["bf16_unit"] == "avx512_bf16"
-    amd = cpu_peak(threads=1, info={**info, "vendor": "AuthenticAMD", "flags": {"avx2", "avx512f"}})
-    assert amd["fp32_flop_per_cycle"] == 32 and amd["bf16"] is None
+    amd = cpu_peak(threads=1, info={**info, "vendor": "AuthenticAMD", "family": 25, "flags": {"avx2", "avx512f"}})
+    assert amd["fp32_flop_per_cycle"] == 32 and amd["bf16"] is None  # Zen 4: AVX-512 on 256-bit units
+    zen5 = cpu_peak(threads=1, info={**info, "vendor": "AuthenticAMD", "family": 26,
+                                     "flags": {"avx2", "avx512f", "avx512_bf16"}})
+    assert zen5["fp32_flop_per_cycle"] == 64 and zen5["bf16_flop_per_cycle"] == 128
+    assert cpuinfo(str(tmp_path / "cpuinfo")).get("family") is None  # no "cpu family" line: not guessed
+    (tmp_path / "amd").write_text(text.replace("GenuineIntel", "AuthenticAMD").replace("model name", "cpu family\t: 26\nmodel name"))
+    assert cpuinfo(str(tmp_path / "amd"))["family"] == 26

@@ -73,3 +73,47 @@ def test_pruning_at_init_and_masks_work(method):
     for name, keep in ticket.mask.items():
         assert torch.all(params[name].detach()[~keep.bool()] == 0)
         assert params[name].detach()[keep.bool()].abs().sum() > 0
+
+
+def _reference_order(net):
+    """The same modules in the reference's order, conv → ReLU → maxpool (ours pools before the ReLU)."""
+    names = [n for n, _ in net.features.named_children()]
+    for i, name in enumerate(list(names)):
+        if name.startswith("maxpool"):
+            names[i], names[i + 1] = names[i + 1], names[i]
+    assert all(a.startswith("relu") and b.startswith("maxpool") for a, b in zip(names, names[1:])
+               if b.startswith("maxpool"))
+    features = torch.nn.Sequential(*(getattr(net.features, n) for n in names))
+    return lambda x: net.classifier(features(x).flatten(1))
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pool_before_relu_is_bit_identical_to_the_reference_order(channels_last):
+    """Outputs, input gradients and weight gradients equal bit for bit (torch.equal): the convolutions see the
+    same tensors either way, so this holds on any CPU. Ties are forced: a constant image makes every 2x2 window
+    of every map a tie, and negative biases make whole windows ≤ 0."""
+    torch.manual_seed(0)
+    m = build_model("smallcnn", 1, 10, (28, 28)).eval()
+    net = m.net
+    with torch.no_grad():
+        net.features.conv2.bias.fill_(-0.05)
+        net.features.conv4.bias.fill_(-0.05)
+    x = torch.cat([torch.rand(6, 1, 28, 28), torch.full((2, 1, 28, 28), 0.5), torch.zeros(1, 1, 28, 28)])
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (len(x),))
+    results = []
+    for forward in (net, _reference_order(net)):
+        xi = x.clone().requires_grad_(True)
+        out = forward(xi)
+        params = [p for p in net.parameters()]
+        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(out, y), [xi, *params])
+        results.append((out.detach(), grads))
+    (out_a, grads_a), (out_b, grads_b) = results
+    assert torch.equal(out_a, out_b)
+    assert all(torch.equal(a, b) for a, b in zip(grads_a, grads_b))
+    assert grads_a[0].abs().sum() > 0  # the check compares real gradients, not zeros
+    # the ties are real: on the constant images every window of the first pool's input is a tie
+    pre_pool = net.features.conv2(net.features.relu1(net.features.conv1(x[6:8])))
+    assert torch.equal(pre_pool[..., ::2, ::2], pre_pool[..., 1::2, 1::2])

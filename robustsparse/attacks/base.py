@@ -41,6 +41,23 @@ def full_precision(device: torch.device | str):
     return torch.autocast(device_type, enabled=False)
 
 
+@contextmanager
+def channels_last_weights(model: nn.Module, enabled: bool = True):
+    """The model's 4-D weights and buffers in NHWC (channels_last) memory for the block, the caller's own tensors
+    put back on exit, even on error. The same convolutions in another memory layout: oneDNN's fast path on CPU,
+    equal to NCHW up to float summation order. Parameters stay the same objects (only ``.data`` is swapped), so
+    hooks, masks and optimizers that hold them see nothing change."""
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.dim() == 4] if enabled else []
+    saved = [t.data for t in tensors]
+    for t in tensors:
+        t.data = t.data.contiguous(memory_format=torch.channels_last)
+    try:
+        yield model
+    finally:
+        for t, data in zip(tensors, saved):
+            t.data = data
+
+
 def project(delta: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
     """Project a perturbation onto the ε-ball of the given norm (per sample)."""
     if norm == "Linf":

@@ -17,10 +17,19 @@ test points) next to clean and PGD-20 on all 10,000. Every result records the po
 (``EvalResult.points``), every table names them, and ``worst_case`` is then taken over the subset, the only
 points on which every attack ran (``worst_case_points``).
 Everything here runs in fp32 with autocast off, whatever precision the caller trains in (`attacks.base.full_precision`).
+
+Memory layout (``channels_last``; None = auto): on CPU a model with convolutions is attacked with its weights in
+NHWC memory (`attacks.base.channels_last_weights`), oneDNN's fast layout: 1.4-1.7× an attack step of the Fashion-MNIST
+SmallCNN (docs/benchmarks.md, "Evaluator"). The arithmetic is the same, in fp32; only the order in which each
+convolution sums its products differs, so a flag can differ from an NCHW evaluation only where a point sits at the
+margin (measured there). ``ROBUSTSPARSE_EVAL_CHANNELS_LAST=0`` (or ``channels_last=False``) evaluates in NCHW;
+the layout is recorded in the result (``layout``) and in the resumable state, and a state written before layouts
+were recorded resumes in NCHW, the layout it was written in.
 """
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,7 +38,7 @@ import torch
 from torch import nn
 
 from ..attacks.autoattack import COMPONENTS, describe_component, run_component
-from ..attacks.base import attack_mode, full_precision
+from ..attacks.base import attack_mode, channels_last_weights, full_precision
 from ..attacks.fgsm import FGSM
 from ..attacks.pgd import PGD
 from ..errors import UserError
@@ -38,6 +47,7 @@ from . import checks
 from .state import EvalState, model_digest
 
 _PGD = re.compile(r"^pgd-(\d+)(?:x(\d+))?$")
+CHANNELS_LAST_ENV = "ROBUSTSPARSE_EVAL_CHANNELS_LAST"  # 0: NCHW, 1: NHWC, whatever auto would choose
 AUTOATTACK_ITEMS = ("autoattack", *COMPONENTS)  # the items ``autoattack_n`` restricts
 
 
@@ -55,6 +65,7 @@ class EvalResult:
     points: dict[str, int] = field(default_factory=dict)  # item -> the number of points it ran on (the first ones)
     worst_case_points: int | None = None  # the points ``worst_case`` is taken over (those every attack ran on)
     clean_on_subset: float | None = None  # clean accuracy on the AutoAttack subset, when it is one
+    layout: str = "nchw"  # the weights' memory layout the attacks ran in: nchw | channels_last
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -210,21 +221,40 @@ def _check_budget(x_adv, x, eps, norm):
 def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite="clean,pgd-20,autoattack",
              eps: float = 8 / 255, norm: str = "Linf", num_classes: int | None = None, batch_size: int = 256,
              seed: int = 0, state_path: str | None = None, progress: bool = True,
-             run_checks: bool = True, autoattack_n: int | None = None) -> EvalResult:
+             run_checks: bool = True, autoattack_n: int | None = None,
+             channels_last: bool | None = None) -> EvalResult:
     """Run a named attack suite on ``model`` over (x, y) and return per-attack and worst-case accuracy.
 
     ``x`` must be float images in [0, 1]; the model is attacked in eval mode with parameter gradients off, exactly
     as given (for a conditional model, pass the module already configured for its λ/mask/BN path), in fp32:
     autocast is off inside, even if the caller holds a bf16/fp16 autocast context. ``autoattack_n`` runs
     AutoAttack (and its components alone) on the first ``autoattack_n`` points only, the others on all.
+    ``channels_last`` (None: auto, see the module docstring) runs every attack with the weights in NHWC memory.
     """
-    with full_precision(_model_device(model)):
-        return _evaluate(model, x, y, suite, eps, norm, num_classes, batch_size, seed, state_path, progress,
-                         run_checks, autoattack_n)
+    device = _model_device(model)
+    nhwc = _use_channels_last(channels_last, model, device, state_path)
+    with full_precision(device), channels_last_weights(model, nhwc):
+        result = _evaluate(model, x, y, suite, eps, norm, num_classes, batch_size, seed, state_path, progress,
+                           run_checks, autoattack_n, "channels_last" if nhwc else None)
+    result.layout = "channels_last" if nhwc else "nchw"
+    return result
+
+
+def _use_channels_last(requested, model, device, state_path) -> bool:
+    """The caller's choice, else the environment's, else auto: on CPU when the model has 4-D weights, unless an
+    evaluation state written before layouts were recorded is being resumed (it was written in NCHW)."""
+    if requested is None and os.environ.get(CHANNELS_LAST_ENV, "").strip() in ("0", "1"):
+        requested = os.environ[CHANNELS_LAST_ENV].strip() == "1"
+    if requested is not None:
+        return bool(requested)
+    if device.type != "cpu" or not any(p.dim() == 4 for p in model.parameters()):
+        return False
+    stored = EvalState.stored_signature(state_path)
+    return stored is None or "layout" in stored
 
 
 def _evaluate(model, x, y, suite, eps, norm, num_classes, batch_size, seed, state_path, progress, run_checks,
-              autoattack_n):
+              autoattack_n, layout):
     items = parse_suite(suite)
     if norm not in ("Linf", "L2"):
         raise UserError(f"norm must be Linf or L2, got {norm!r}")
@@ -245,6 +275,8 @@ def _evaluate(model, x, y, suite, eps, norm, num_classes, batch_size, seed, stat
                  "model": model_digest(model) if state_path else None}  # hashing the weights only when it matters
     if subset is not None:  # only then: a state written before the subset existed stays valid for all points
         signature["autoattack_n"] = subset
+    if layout is not None:  # likewise: NCHW states written before layouts were recorded stay valid
+        signature["layout"] = layout
     state = EvalState.open(state_path, signature)
     torch.manual_seed(seed)
     warnings: list[str] = []

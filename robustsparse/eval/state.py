@@ -76,6 +76,18 @@ class EvalState:
                             f"(differs in: {', '.join(diff)}); delete it or use another --state path")
         return state
 
+    @staticmethod
+    def stored_signature(path: str | None) -> dict | None:
+        """The signature a state file on disk was written with (None: no file, or one that cannot be read)."""
+        if path is None or not os.path.exists(path):
+            return None
+        try:
+            with open(path) as fh:
+                signature = json.load(fh).get("signature")
+        except (OSError, ValueError, AttributeError):
+            return None
+        return signature if isinstance(signature, dict) else None
+
     def save(self, path: str | None, throttle: bool = False) -> None:
         if path is None:
             return

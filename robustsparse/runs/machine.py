@@ -9,8 +9,10 @@ CPU peak, per precision:
   nominal clock only; all-core turbo may be higher, so the share of peak can be overstated, never understated by
   the clock;
 * fp32 FLOP per cycle = FMA units × lanes × 2 (an FMA is a multiply and an add). Assumed: 2 FMA units per core
-  (Intel server cores since Skylake-SP, AMD Zen 2-5); lanes = 16 with AVX-512 on Intel, 8 with AVX2 or on AMD
-  (Zen 4 runs AVX-512 on 256-bit units); 4 with SSE only. → 64 (Intel AVX-512), 32 (AVX2);
+  (Intel server cores since Skylake-SP, AMD Zen 2-5); lanes = 16 with AVX-512 on Intel and on AMD Zen 5
+  (``cpu family`` 26, whose EPYC and desktop parts have a 512-bit datapath), 8 with AVX2 or on earlier AMD (Zen 4
+  runs AVX-512 on 256-bit units); 4 with SSE only. → 64 (AVX-512 at full width), 32 (AVX2). Zen 5 laptop parts
+  run AVX-512 on 256-bit units and are counted at 16 lanes too, which overstates their peak;
 * bf16 with AVX512-BF16 (``vdpbf16ps``: 32 bf16 products summed in pairs into 16 fp32 lanes per instruction):
   2 × the fp32 rate;
 * bf16 with AMX-BF16: 1024 FLOP per cycle per core, Intel's published rate for the TMUL unit (one 16×16×32 tile
@@ -28,6 +30,7 @@ import re
 import torch
 
 AMX_BF16_FLOP_PER_CYCLE = 1024
+ZEN5_FAMILY = 26  # AMD's first family with 512-bit AVX-512 units (Zen 4 is 25 and splits AVX-512 in two)
 # name fragment -> (fp32 non-tensor, tf32 dense tensor-core, bf16 dense tensor-core) FLOP/s; SXM parts. cuDNN
 # runs "fp32" convolutions in TF32 by default (torch.backends.cudnn.allow_tf32), so tf32 is the fp32 loops' peak.
 CUDA_PEAKS = {"H200": (67e12, 494e12, 989e12), "H100": (67e12, 494e12, 989e12), "A100": (19.5e12, 156e12, 312e12),
@@ -54,6 +57,8 @@ def cpuinfo(path: str = "/proc/cpuinfo") -> dict:
                     core = value
                 elif key == "vendor_id":
                     info.setdefault("vendor", value)
+                elif key == "cpu family" and value.isdigit():
+                    info.setdefault("family", int(value))
                 elif not key and (phys, core) != (None, None):
                     info["cores"].add((phys, core))
                     phys = core = None
@@ -83,8 +88,8 @@ def cpu_peak(threads: int | None = None, info: dict | None = None) -> dict:
     except AttributeError:  # not Linux
         pass
     cores = min(threads or torch.get_num_threads(), physical)
-    amd = info.get("vendor") == "AuthenticAMD"
-    lanes = 16 if "avx512f" in flags and not amd else 8 if "avx2" in flags or "avx512f" in flags else 4
+    half_width_avx512 = info.get("vendor") == "AuthenticAMD" and info.get("family", 0) < ZEN5_FAMILY
+    lanes = 16 if "avx512f" in flags and not half_width_avx512 else 8 if "avx2" in flags or "avx512f" in flags else 4
     fp32_per_cycle = 2 * lanes * 2
     if "amx_bf16" in flags:
         bf16_per_cycle, bf16_unit = AMX_BF16_FLOP_PER_CYCLE, "amx_bf16"
