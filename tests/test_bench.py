@@ -143,8 +143,9 @@ def test_bench_inference_is_handed_to_export(monkeypatch, capsys):
 
 
 def test_the_peak_follows_the_documented_formula(tmp_path):
-    """cores x clock x FLOP/cycle: 2 FMA x 16 lanes x 2 with AVX-512 on Intel, 8 lanes on AMD before Zen 5 or with AVX2; bf16
-    2x fp32 with AVX512-BF16, 1024/cycle with AMX-BF16; Zen 5 (family 26) at 16 lanes; parsed from a cpuinfo file as the kernel writes it."""
+    """cores x clock x FLOP/cycle: 2 FMA x 16 lanes x 2 with AVX-512 on Intel and on Zen 5 (family 26), 8 lanes on
+    earlier AMD or with AVX2; bf16 2x fp32 with AVX512-BF16, 1024/cycle with AMX-BF16; parsed from a cpuinfo file
+    as the kernel writes it."""
     from robustsparse.runs.machine import cpu_peak, cpuinfo
     text = "".join(f"processor\t: {i}\nvendor_id\t: GenuineIntel\nmodel name\t: Xeon\ncpu MHz\t\t: 2000.000\n"
                    f"physical id\t: 0\ncore id\t\t: {i}\nflags\t\t: fma avx2 avx512f avx512_bf16 amx_bf16\n\n"
@@ -163,5 +164,6 @@ def test_the_peak_follows_the_documented_formula(tmp_path):
                                      "flags": {"avx2", "avx512f", "avx512_bf16"}})
     assert zen5["fp32_flop_per_cycle"] == 64 and zen5["bf16_flop_per_cycle"] == 128
     assert cpuinfo(str(tmp_path / "cpuinfo")).get("family") is None  # no "cpu family" line: not guessed
-    (tmp_path / "amd").write_text(text.replace("GenuineIntel", "AuthenticAMD").replace("model name", "cpu family\t: 26\nmodel name"))
+    amd_text = text.replace("GenuineIntel", "AuthenticAMD").replace("model name", "cpu family\t: 26\nmodel name")
+    (tmp_path / "amd").write_text(amd_text)
     assert cpuinfo(str(tmp_path / "amd"))["family"] == 26

@@ -1,5 +1,6 @@
-"""The evaluator's memory layout (``channels_last``, auto on CPU): the caller's model is given back untouched, the
-choice is recorded and resumes consistently, and NHWC computes what NCHW computes (up to summation order)."""
+"""How the evaluator runs the model on CPU, without changing what it computes: the memory layout (``channels_last``,
+auto) and micro-batching (``micro_batch``, auto). The caller's model is given back untouched, the choices are
+recorded and resume consistently, and each computes what the plain path computes (up to summation order)."""
 import json
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from torch import nn
 
 import robustsparse as rs
-from robustsparse.attacks.base import channels_last_weights
+from robustsparse.attacks.base import MicroBatched, activation_bytes_per_image, channels_last_weights
 from robustsparse.errors import UserError
 from robustsparse.eval import evaluator as ev
 
@@ -85,3 +86,53 @@ def test_nhwc_computes_what_nchw_computes(robust_digits_model, digits_test):
     assert a.accuracy["clean"] == pytest.approx(b.accuracy["clean"], abs=1 / 120 + 1e-9)
     assert abs(a.accuracy["pgd-10"] - b.accuracy["pgd-10"]) <= 2 / 120 + 1e-9
     assert 0 < a.accuracy["pgd-10"] < a.accuracy["clean"]  # the comparison is of a partly robust model
+
+
+def test_micro_batching_is_the_same_function_and_gradient(robust_digits_model, digits_test):
+    x, y = digits_test[0][:50], digits_test[1][:50]
+    model = robust_digits_model.eval()
+    results = []
+    for forward in (model, MicroBatched(model, 8), MicroBatched(model, 64)):
+        xi = x.clone().requires_grad_(True)
+        out = forward(xi)
+        (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(out, y, reduction="sum"), xi)
+        results.append((out.detach(), grad))
+    for out, grad in results[1:]:  # per image the same computation; kernels may differ by batch size
+        assert torch.allclose(out, results[0][0], rtol=1e-5, atol=1e-6)
+        assert torch.allclose(grad, results[0][1], rtol=1e-4, atol=1e-7)
+    assert results[0][1].abs().sum() > 0
+
+
+def test_auto_micro_batch_follows_the_activation_size(robust_digits_model, digits_test, monkeypatch):
+    monkeypatch.delenv(ev.MICRO_BATCH_ENV, raising=False)
+    fmnist = rs.build_model("smallcnn", 1, 10, (28, 28))
+    per_image = activation_bytes_per_image(fmnist, torch.rand(1, 28, 28))
+    assert per_image == 32 * 26 * 26 * 4  # conv1's output, the largest map
+    x = torch.rand(40, 1, 28, 28)
+    y = torch.randint(0, 10, (40,))
+    res = rs.evaluate(fmnist, x, y, suite="clean", eps=0.1, progress=False, run_checks=False, batch_size=500)
+    assert res.micro_batch == ev.ACTIVATION_BUDGET_BYTES // per_image == 72
+    # the chunk is already that small: nothing to split
+    assert rs.evaluate(fmnist, x, y, suite="clean", eps=0.1, progress=False, run_checks=False,
+                       batch_size=64).micro_batch is None
+    xd, yd = digits_test[0][:40], digits_test[1][:40]
+    assert rs.evaluate(robust_digits_model, xd, yd, suite="clean", eps=0.1, progress=False).micro_batch is None
+    assert rs.evaluate(robust_digits_model, xd, yd, suite="clean", eps=0.1, progress=False,
+                       micro_batch=16).micro_batch == 16
+    monkeypatch.setenv(ev.MICRO_BATCH_ENV, "0")
+    assert rs.evaluate(fmnist, x, y, suite="clean", eps=0.1, progress=False, run_checks=False,
+                       batch_size=500).micro_batch is None
+    with pytest.raises(UserError, match="micro_batch"):
+        rs.evaluate(fmnist, x, y, suite="clean", eps=0.1, progress=False, micro_batch=-1)
+
+
+def test_micro_batching_keeps_the_chunks_and_their_random_draws(robust_digits_model, digits_test):
+    """Split 4 ways inside each chunk of 64, PGD with a random start gives what the whole chunk gives: the random
+    draws are the chunk's (seeded per chunk), and per image the arithmetic is the same."""
+    x, y = digits_test[0][:128], digits_test[1][:128]
+    a, b = (rs.evaluate(robust_digits_model, x, y, suite="clean,pgd-10", eps=0.1, progress=False, batch_size=64,
+                        channels_last=False, micro_batch=mb) for mb in (0, 16))
+    assert a.micro_batch is None and b.micro_batch == 16
+    assert a.accuracy["clean"] == b.accuracy["clean"]
+    assert abs(a.accuracy["pgd-10"] - b.accuracy["pgd-10"]) <= 2 / 128 + 1e-9
+    assert 0 < a.accuracy["pgd-10"] < a.accuracy["clean"]

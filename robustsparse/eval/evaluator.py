@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..attacks.autoattack import COMPONENTS, describe_component, run_component
-from ..attacks.base import attack_mode, channels_last_weights, full_precision
+from ..attacks.base import MicroBatched, activation_bytes_per_image, attack_mode, channels_last_weights, full_precision
 from ..attacks.fgsm import FGSM
 from ..attacks.pgd import PGD
 from ..errors import UserError
@@ -48,6 +48,11 @@ from .state import EvalState, model_digest
 
 _PGD = re.compile(r"^pgd-(\d+)(?:x(\d+))?$")
 CHANNELS_LAST_ENV = "ROBUSTSPARSE_EVAL_CHANNELS_LAST"  # 0: NCHW, 1: NHWC, whatever auto would choose
+MICRO_BATCH_ENV = "ROBUSTSPARSE_EVAL_MICRO_BATCH"  # images per forward inside an attack; 0: the whole chunk
+# On CPU, a forward's largest activation map is kept under this many bytes: 64 Fashion-MNIST SmallCNN images
+# (86.5 KB each in conv1's output) ran 2× faster per image than 500 (the fmnist configs' eval.batch_size) on a
+# Zen 5 with 32 MB of L3 (docs/benchmarks.md, "Evaluator").
+ACTIVATION_BUDGET_BYTES = 6 * 2**20
 AUTOATTACK_ITEMS = ("autoattack", *COMPONENTS)  # the items ``autoattack_n`` restricts
 
 
@@ -66,6 +71,7 @@ class EvalResult:
     worst_case_points: int | None = None  # the points ``worst_case`` is taken over (those every attack ran on)
     clean_on_subset: float | None = None  # clean accuracy on the AutoAttack subset, when it is one
     layout: str = "nchw"  # the weights' memory layout the attacks ran in: nchw | channels_last
+    micro_batch: int | None = None  # images per forward inside the attacks (None: each chunk whole)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -222,22 +228,41 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, suite="clean,pg
              eps: float = 8 / 255, norm: str = "Linf", num_classes: int | None = None, batch_size: int = 256,
              seed: int = 0, state_path: str | None = None, progress: bool = True,
              run_checks: bool = True, autoattack_n: int | None = None,
-             channels_last: bool | None = None) -> EvalResult:
+             channels_last: bool | None = None, micro_batch: int | None = None) -> EvalResult:
     """Run a named attack suite on ``model`` over (x, y) and return per-attack and worst-case accuracy.
 
     ``x`` must be float images in [0, 1]; the model is attacked in eval mode with parameter gradients off, exactly
     as given (for a conditional model, pass the module already configured for its λ/mask/BN path), in fp32:
     autocast is off inside, even if the caller holds a bf16/fp16 autocast context. ``autoattack_n`` runs
     AutoAttack (and its components alone) on the first ``autoattack_n`` points only, the others on all.
-    ``channels_last`` (None: auto, see the module docstring) runs every attack with the weights in NHWC memory.
+    ``channels_last`` (None: auto, see the module docstring) runs every attack with the weights in NHWC memory;
+    ``micro_batch`` (None: auto) runs the model that many images at a time inside each chunk of ``batch_size``:
+    the same per-image computation (the chunks, and so every random draw, stay those of ``batch_size``).
     """
     device = _model_device(model)
     nhwc = _use_channels_last(channels_last, model, device, state_path)
     with full_precision(device), channels_last_weights(model, nhwc):
-        result = _evaluate(model, x, y, suite, eps, norm, num_classes, batch_size, seed, state_path, progress,
-                           run_checks, autoattack_n, "channels_last" if nhwc else None)
-    result.layout = "channels_last" if nhwc else "nchw"
+        micro = _micro_batch(micro_batch, model, x, device, batch_size)
+        attacked = MicroBatched(model, micro) if micro else model
+        result = _evaluate(model, attacked, x, y, suite, eps, norm, num_classes, batch_size, seed, state_path,
+                           progress, run_checks, autoattack_n, "channels_last" if nhwc else None)
+    result.layout, result.micro_batch = ("channels_last" if nhwc else "nchw"), micro
     return result
+
+
+def _micro_batch(requested, model, x, device, batch_size) -> int | None:
+    """The caller's choice, else the environment's, else auto: on CPU, as many images as keep the largest
+    activation map under ACTIVATION_BUDGET_BYTES (at least 8); None when that is the whole chunk anyway."""
+    if requested is None and os.environ.get(MICRO_BATCH_ENV, "").strip().isdigit():
+        requested = int(os.environ[MICRO_BATCH_ENV])
+    if requested is not None:
+        if isinstance(requested, bool) or not isinstance(requested, int) or requested < 0:
+            raise UserError(f"micro_batch must be an integer >= 0 (0: no splitting), got {requested!r}")
+        return requested if 0 < requested < batch_size else None
+    if device.type != "cpu" or len(x) == 0:
+        return None
+    size = max(8, ACTIVATION_BUDGET_BYTES // activation_bytes_per_image(model, x[0].to(device)))
+    return size if size < batch_size else None
 
 
 def _use_channels_last(requested, model, device, state_path) -> bool:
@@ -253,8 +278,10 @@ def _use_channels_last(requested, model, device, state_path) -> bool:
     return stored is None or "layout" in stored
 
 
-def _evaluate(model, x, y, suite, eps, norm, num_classes, batch_size, seed, state_path, progress, run_checks,
-              autoattack_n, layout):
+def _evaluate(model, attacked, x, y, suite, eps, norm, num_classes, batch_size, seed, state_path, progress,
+              run_checks, autoattack_n, layout):
+    """``model`` is what is evaluated (its digest keys the state, the checks probe it); ``attacked`` is the same
+    function as the attacks run it (micro-batched or not)."""
     items = parse_suite(suite)
     if norm not in ("Linf", "L2"):
         raise UserError(f"norm must be Linf or L2, got {norm!r}")
@@ -285,7 +312,7 @@ def _evaluate(model, x, y, suite, eps, norm, num_classes, batch_size, seed, stat
         warnings += checks.check_randomness(model, x[probe]) + checks.check_softmax_output(model, x[probe])
         warnings += checks.check_zero_gradients(model, x[probe], y[probe]) + checks.check_few_classes(num_classes)
 
-    clean_ok = _correct(model, x, y, batch_size)
+    clean_ok = _correct(attacked, x, y, batch_size)
     flags: dict[str, torch.Tensor] = {}
     aa_components: dict[str, float] = {}
     for item in items:
@@ -296,10 +323,10 @@ def _evaluate(model, x, y, suite, eps, norm, num_classes, batch_size, seed, stat
         elif item == "clean":
             flags[item] = clean_ok
         elif item == "autoattack":
-            flags[item] = _autoattack(model, x[:k], y[:k], clean_ok[:k], eps, norm, num_classes, batch_size, seed,
+            flags[item] = _autoattack(attacked, x[:k], y[:k], clean_ok[:k], eps, norm, num_classes, batch_size, seed,
                                       state, state_path, progress, aa_components, warnings)
         else:
-            flags[item] = _run_item(item, model, x[:k], y[:k], clean_ok[:k], eps, norm, num_classes, batch_size,
+            flags[item] = _run_item(item, attacked, x[:k], y[:k], clean_ok[:k], eps, norm, num_classes, batch_size,
                                     seed, state, state_path, progress)
         if item not in state.flags:
             state.flags[item] = flags[item].tolist()
