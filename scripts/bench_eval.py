@@ -10,8 +10,9 @@ run a few dozen images at a time inside each chunk; docs/benchmarks.md "Evaluato
 item to item so that load drifting during the run favours neither. It prints the seconds of each, the speed-up,
 the accuracy of each and the number of points whose robust flag differs (the parity check: the same attack,
 steps, restarts, targets and queries, the same chunks and random draws, in fp32; only each convolution's
-summation order can differ). An AutoAttack component named alone runs on every clean-correct point, as the cascade's first
-component does; later components of the cascade see fewer points, so the cascade costs less than the sum.
+summation order can differ). An AutoAttack component named alone runs on every clean-correct point, as the
+cascade's first component does; later components of the cascade see fewer points, so the cascade costs less than
+the sum.
 """
 from __future__ import annotations
 

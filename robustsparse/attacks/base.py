@@ -62,7 +62,8 @@ class MicroBatched(nn.Module):
     """``model`` run ``size`` images at a time, the outputs concatenated: per image the same function, and the same
     gradient (each image's output depends on that image only; eval mode, no batch statistics). On CPU a chunk of
     a few hundred 28×28 images spills its activation maps out of the cache; 64 at a time ran an attack step
-    (forward + input gradient) 2× faster, bit for bit the same (docs/benchmarks.md, "Evaluator")."""
+    (forward + input gradient) 2× faster, and bit for bit the same on the Zen 5 it was measured on; kernels chosen
+    by batch size may round differently elsewhere (docs/benchmarks.md, "Evaluator")."""
 
     def __init__(self, model: nn.Module, size: int):
         super().__init__()

@@ -18,13 +18,17 @@ test points) next to clean and PGD-20 on all 10,000. Every result records the po
 points on which every attack ran (``worst_case_points``).
 Everything here runs in fp32 with autocast off, whatever precision the caller trains in (`attacks.base.full_precision`).
 
-Memory layout (``channels_last``; None = auto): on CPU a model with convolutions is attacked with its weights in
-NHWC memory (`attacks.base.channels_last_weights`), oneDNN's fast layout: 1.4-1.7× an attack step of the Fashion-MNIST
-SmallCNN (docs/benchmarks.md, "Evaluator"). The arithmetic is the same, in fp32; only the order in which each
-convolution sums its products differs, so a flag can differ from an NCHW evaluation only where a point sits at the
-margin (measured there). ``ROBUSTSPARSE_EVAL_CHANNELS_LAST=0`` (or ``channels_last=False``) evaluates in NCHW;
-the layout is recorded in the result (``layout``) and in the resumable state, and a state written before layouts
-were recorded resumes in NCHW, the layout it was written in.
+How the model is run on CPU, never what is attacked (docs/benchmarks.md, "Evaluator"):
+* micro-batches (``micro_batch``; None = auto): inside each chunk of ``batch_size`` points the model runs as many
+  images at a time as keep its largest activation map under ACTIVATION_BUDGET_BYTES (72 for the Fashion-MNIST
+  SmallCNN): an attack step ~2× faster at the fmnist chunk of 500. The chunks and their seeded draws are unchanged
+  and each image's arithmetic is the same. ``ROBUSTSPARSE_EVAL_MICRO_BATCH=0`` turns it off;
+* NHWC weights (``channels_last``; None = auto, for models with convolutions, `attacks.base.channels_last_weights`):
+  oneDNN's NHWC forward is ~1.5-1.7× its NCHW forward on thin layers (Square, the clean checks); the same fp32
+  products summed in another order, so a flag can differ from an NCHW evaluation only at a margin point (none of
+  200 did, per component). ``ROBUSTSPARSE_EVAL_CHANNELS_LAST=0`` (or ``channels_last=False``) evaluates in NCHW.
+Both are recorded in the result (``layout``, ``micro_batch``); the layout also in the resumable state, and a state
+written before layouts were recorded resumes in NCHW, the layout it was written in.
 """
 from __future__ import annotations
 
