@@ -15,7 +15,7 @@ def test_story_writes_one_report_with_every_table_and_plot_and_continues(tmp_pat
     report = run_story(cfg, out, density=0.2, methods=("magnitude", "awt"), final_suite="clean,pgd-3",
                        lams="0,1", progress=False)
     text = open(report).read()
-    for needle in ("Headline models", "dense PGD-AT", "AWT ticket d=0.2", "SMART lam=0", "SMART lam=1",
+    for needle in ("Headline models", "dense PGD-AT", "AWT ticket d=0.2", "magnitude ticket d=0.2 (best other at-init)", "SMART lam=0", "SMART lam=1",
                    "PGD-3 L∞ eps=0.1", "| awt | 0.2 |", "| magnitude | 0.2 |", "grid/density_robustness.png",
                    "sweep/tradeoff.png", "Cost per inference path"):
         assert needle in text, needle

@@ -4,7 +4,7 @@ Fashion-MNIST (``robustsparse demo --data fashion_mnist``, the shipped ``fmnist_
     <out>/grid/              dense PGD-AT and every at-init method (AWT included) at one density (compare.py)
     <out>/smart/             SMART, trained once (train.method=smart)
     <out>/sweep/             SMART at every λ next to dense PGD-AT, one evaluator (pipelines/sweep.py)
-    <out>/autoattack.json    full AutoAttack for dense, the AWT ticket and SMART at λ = 0 and λ = 1
+    <out>/autoattack.json    full AutoAttack for dense, the AWT ticket, the best other ticket and SMART at λ = 0, 1
     <out>/report.md          the tables, density_robustness.png and tradeoff.png
 
 The grid and the sweep use ``suite`` (default clean + PGD-20) so that the story fits in one sitting on a CPU; the
@@ -79,7 +79,7 @@ def run_story(cfg: RunConfig, out: str, density: float = 0.05, methods=METHODS, 
     final = {}
     final_path = os.path.join(out, "autoattack.json")
     if final_suite:
-        _say(f"4/4 {final_suite} for dense, AWT and SMART at lambda 0 and 1")
+        _say(f"4/4 {final_suite} for dense, AWT, the best other ticket and SMART at lambda 0 and 1")
         t = time.perf_counter()
         if os.path.exists(final_path):
             with open(final_path) as fh:
@@ -88,11 +88,22 @@ def run_story(cfg: RunConfig, out: str, density: float = 0.05, methods=METHODS, 
         if "awt" in methods:
             _final_eval(os.path.join(out, "grid", f"awt-d{density:g}", "run"), f"AWT ticket d={density:g}",
                         final_suite, final, final_path)
+        best = best_baseline(rows)
+        if best is not None:
+            _final_eval(os.path.join(out, "grid", f"{best['method']}-d{density:g}", "run"),
+                        f"{best['method']} ticket d={density:g} (best other at-init)", final_suite, final, final_path)
         for lam in (0.0, 1.0):
             _final_eval(smart_dir, f"SMART lam={lam:g}", final_suite, final, final_path, lam=lam)
         clock["autoattack"] = time.perf_counter() - t
     clock["total"] = time.perf_counter() - started
     return _write_report(out, cfg, config_name, density, rows, final, clock)
+
+
+def best_baseline(rows: list[dict]) -> dict | None:
+    """The at-init ticket other than AWT with the highest worst-case grid accuracy (PGD-20 in the demo's grid): the
+    baseline AWT's claim is judged against, so it gets the same full AutoAttack. Ties go to the earlier method."""
+    others = [r for r in rows if r["method"] not in ("dense", "awt") and r.get("family") != "after training"]
+    return max(others, key=lambda r: r["worst_case"], default=None)
 
 
 def protocol_line(cfg: RunConfig) -> str:
