@@ -8,6 +8,7 @@
     robustsparse prune CONFIG [k=v ...] --method M --density D --out DIR   (prune --resume --out DIR continues)
     robustsparse compare CONFIG [k=v ...] --methods ... --densities ... --out DIR [--seeds 0,1,2]
     robustsparse posttrain CONFIG [k=v ...] --method {hydra,lwm,imp} --density D --out DIR [--pretrained RUN]
+    robustsparse study CONFIG [k=v ...] --out DIR [--seeds 0,1] [--stages ...]   every claim over seeds, one report
     robustsparse sweep RUN [RUN ...] --lams 0,0.1,...,1 [--suite clean,pgd-20] [--out DIR]   λ trade-off
     robustsparse bench [--model M --input-shape C,H,W --batch B --steps K] [--json PATH] [--inference]   speed
     robustsparse export RUN --out DIR [--which best|last] [--format safetensors,onnx]   deployable sparse model
@@ -24,6 +25,7 @@ from ..errors import UserError
 from .bench import add_bench_parser, cmd_bench
 from .export import add_export_parser, cmd_export
 from .posttrain import add_posttrain_parser, cmd_posttrain
+from .study import add_study_parser, cmd_study
 from .sweep import add_sweep_parser, cmd_sweep
 
 
@@ -78,6 +80,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("configs", help="list the configs shipped with the library")
     add_posttrain_parser(sub)
     add_sweep_parser(sub)
+    add_study_parser(sub)
     add_bench_parser(sub)
     add_export_parser(sub)
     return p
@@ -261,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_threads()  # no more torch threads than the cores this process may use (threads.py)
     handler = {"demo": cmd_demo, "train": cmd_train, "eval": cmd_eval, "configs": cmd_configs,
                "prune": cmd_prune, "compare": cmd_compare, "posttrain": cmd_posttrain, "sweep": cmd_sweep,
+               "study": cmd_study,
                "bench": cmd_bench, "export": cmd_export}[args.command]
     try:
         return handler(args)
