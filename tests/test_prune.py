@@ -386,6 +386,16 @@ def test_compare_over_seeds_reports_mean_and_std_of_the_per_seed_grids(tmp_path,
     assert main(args[:-2] + ["--seeds", "0,0"]) == 2
     assert "distinct" in capsys.readouterr().err
 
+    # a finished grid copied without its weights (what a results folder keeps) still pools: every cell's row is
+    # read back from its row.json, nothing is retrained, re-pruned or re-attacked
+    for folder, _, files in os.walk(out):
+        for name in files:
+            if name.endswith(".safetensors"):
+                os.remove(os.path.join(folder, name))
+    assert main(args) == 0
+    assert json.load(open(os.path.join(out, "results.json")))["rows"] == summary["rows"]
+    assert not any(n.endswith(".safetensors") for _, _, files in os.walk(out) for n in files)
+
 
 def test_a_search_started_from_synflow_shows_no_progress_bar_when_asked_not_to(tmp_path, capfd):
     cfg = load_config("digits_pgdat", TINY + ["prune.method=awt", "prune.density=0.1"])

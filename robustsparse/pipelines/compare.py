@@ -20,6 +20,7 @@ ticket's distance to dense over training (analysis/dynamics.py).
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import sys
@@ -53,6 +54,7 @@ COST_NOTE = ("Training cost per stage, then the total. Dense: its PGD-AT. At ini
              "is not defined for a network pruned after training.")
 
 
+ROW = "row.json"  # a finished cell's table row, next to its eval.json
 SEARCHED = ("ntt", "awt")  # the pruners whose cost is an optimisation, reported against the training it precedes
 
 
@@ -108,6 +110,9 @@ def _ticket_cell(cfg: RunConfig, method: str, density: float, out: str, suite: s
     """One at-initialisation cell: prune (or continue a killed search), train the ticket, evaluate; its row."""
     cell = os.path.join(out, _cell_name(method, density))
     ticket_dir, run_dir = os.path.join(cell, "ticket"), os.path.join(cell, "run")
+    done = _finished_row(run_dir)
+    if done is not None:
+        return done
     cell_cfg = copy.deepcopy(cfg)
     cell_cfg.prune.method, cell_cfg.prune.density = method, density
     if not has_ticket(ticket_dir):
@@ -124,7 +129,22 @@ def _ticket_cell(cfg: RunConfig, method: str, density: float, out: str, suite: s
     stages = [{"stage": "prune", "epochs": 0, "seconds": meta["prune"]["seconds"]},
               {"stage": "adversarial training", "epochs": cell_cfg.train.epochs, "seconds": seconds}]
     ev = eval_stage(run_dir, suite, progress=progress)
-    return _row(method, density, ev, run_dir, meta["prune"]["seconds"], seconds, dist, stages)
+    return _keep_row(run_dir, _row(method, density, ev, run_dir, meta["prune"]["seconds"], seconds, dist, stages))
+
+
+def _finished_row(run_dir: str) -> dict | None:
+    """A finished cell's table row, as written by ``_keep_row``: a rerun (or the pooling of seeds) reads it instead
+    of loading the model and the ticket again, so a grid copied without its weights still pools."""
+    path = os.path.join(run_dir, ROW)
+    if not os.path.exists(path) or not os.path.exists(os.path.join(run_dir, "eval.json")):
+        return None
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def _keep_row(run_dir: str, row: dict) -> dict:
+    write_json_atomic(os.path.join(run_dir, ROW), row, sort_keys=False)
+    return row
 
 
 def _say(msg: str) -> None:
@@ -148,9 +168,14 @@ def run_compare(cfg: RunConfig, methods: list[str], densities: list[float], out:
 
     dense_dir = os.path.join(out, "dense")
     _say("dense PGD-AT")
-    seconds = train_stage(dense_cell_config(cfg, methods), dense_dir, progress)
-    rows = [_row("dense", 1.0, eval_stage(dense_dir, suite, progress=progress), dense_dir, 0.0, seconds, (0.0, 0.0),
-                 [{"stage": "dense training", "epochs": cfg.train.epochs, "seconds": seconds}])]
+    dense_row = _finished_row(dense_dir)
+    if dense_row is None:
+        seconds = train_stage(dense_cell_config(cfg, methods), dense_dir, progress)
+        dense_row = _keep_row(dense_dir, _row("dense", 1.0, eval_stage(dense_dir, suite, progress=progress),
+                                              dense_dir, 0.0, seconds, (0.0, 0.0),
+                                              [{"stage": "dense training", "epochs": cfg.train.epochs,
+                                                "seconds": seconds}]))
+    rows = [dense_row]
     for density in densities:
         for method in methods:
             if not is_after_training(method):
