@@ -149,6 +149,25 @@ def test_on_overfit_stop_stops_before_saving_the_epoch(tmp_path, capsys, monkeyp
     assert len(read_metrics(str(out))) == 2
 
 
+def test_a_model_at_chance_level_is_flagged_not_stopped(tmp_path, capsys, monkeypatch):
+    assert guards.chance_level({"epoch": 0, "val_clean_acc": 0.10}, 10).startswith("the model is at chance level")
+    assert guards.chance_level({"epoch": 0, "val_clean_acc": 0.119}, 10)  # within 2 points of a constant guess
+    assert guards.chance_level({"epoch": 0, "val_clean_acc": 0.13}, 10) is None
+    assert guards.chance_level({"epoch": 0, "val_clean_acc": 0.51}, 2)
+    assert guards.chance_level({"epoch": 0, "val_clean_acc": 0.55}, 2) is None
+    assert guards.chance_level({"epoch": 0}, 10) is None  # not validated this epoch
+    real = guards.chance_level
+    monkeypatch.setattr(guards, "chance_level",
+                        lambda row, k: real({**row, "val_clean_acc": 0.1}, k) if row["epoch"] == 1 else None)
+    out = tmp_path / "chance"
+    assert main(["train", "digits_pgdat", *FAST, "train.epochs=2", "--out", str(out), "--no-progress"]) == 0
+    assert "warning: the model is at chance level at epoch 2" in capsys.readouterr().err
+    rows = read_metrics(str(out))
+    assert "chance" not in rows[0] and "chance level" in rows[1]["chance"]
+    status = json.load(open(out / "run.json"))
+    assert status["status"] == "finished" and status["chance"]["epoch"] == 1
+
+
 # ---------------------------------------------------------------- fgsm_at
 
 

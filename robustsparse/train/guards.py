@@ -1,4 +1,5 @@
-"""Training that goes wrong stops well: divergence (NaN/inf or exploding loss) and catastrophic overfitting.
+"""Training that goes wrong stops well: divergence (NaN/inf or exploding loss) and catastrophic overfitting; a
+model stuck at chance level is flagged (``chance_level``), not stopped.
 
 Divergence. The trainer accumulates ``loss · n`` on the device and reads it only where it syncs anyway (every
 step checkpoint, ``train.checkpoint_every_steps``, and the end of each epoch), so the step loop gains no host
@@ -37,6 +38,7 @@ from ..runs.logger import write_status
 
 COLLAPSE_MIN_TRAIN_ADV = 0.3  # the training attack must be beaten clearly before a val collapse means anything
 COLLAPSE_RATIO = 0.25  # val robust below a quarter of the training attack's accuracy
+CHANCE_MARGIN = 0.02  # val clean accuracy at most 1/classes + 2 points: no better than a constant guess, up to noise
 
 
 class TrainingStopped(UserError):
@@ -89,6 +91,20 @@ def overfit(row: dict, history: list[dict], drop: float) -> str | None:
     return None
 
 
+def chance_level(row: dict, num_classes: int) -> str | None:
+    """A sentence if the validated epoch ``row`` classifies clean points no better than a constant guess, else
+    None. Measured on Fashion-MNIST: a GraSP ticket of the BN-free SmallCNN starts with logits ~4,000× the dense
+    network's, its first SGD steps kill every ReLU, and the loss then sits at ln(classes) below the divergence
+    limit; this is what tells the user."""
+    clean = row.get("val_clean_acc")
+    if clean is None or clean > 1 / max(num_classes, 2) + CHANCE_MARGIN:
+        return None
+    return (f"the model is at chance level at epoch {row['epoch'] + 1}: val clean accuracy {clean:.1%} with "
+            f"{num_classes} classes (a constant guess scores {1 / max(num_classes, 2):.1%}); its training is not "
+            "learning (dead ReLUs after an exploding first step are the usual cause: lower train.lr or check the "
+            "ticket's initial outputs)")
+
+
 class TrainingGuard:
     """The trainer's two checks, bound to one run folder (see the module docstring)."""
 
@@ -114,7 +130,14 @@ class TrainingGuard:
                               f"{self._last_good()}; lower train.lr (it is {self.cfg.lr}) and start a new run")
 
     def after_validation(self, row: dict, history: list[dict]) -> bool:
-        """Flag catastrophic overfitting in ``row`` (before it is logged); True if the run must stop now."""
+        """Flag catastrophic overfitting in ``row`` (before it is logged); True if the run must stop now. A model
+        at chance level is flagged too (``row["chance"]``, run.json, stderr) but never stopped: it is a result."""
+        chance = chance_level(row, self.num_classes)
+        if chance is not None:
+            row["chance"] = chance
+            self._status(chance={"epoch": row["epoch"], "message": chance})
+            if self.writes:
+                print(f"warning: {chance}", file=sys.stderr, flush=True)
         message = overfit(row, history, self.cfg.overfit_drop)
         if message is None:
             return False
