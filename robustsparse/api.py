@@ -12,7 +12,7 @@ from .config import config_from_dict
 from .data import load_split
 from .errors import UserError
 from .eval import evaluate
-from .eval.evaluator import point_count
+from .eval.evaluator import COMPONENTS, parse_suite, point_count
 from .ofa import at_lambda, ofa_method_of
 from .runs.atomic import write_json_atomic
 from .runs.checkpoint import find_checkpoint, load_checkpoint, read_meta
@@ -62,20 +62,26 @@ def evaluate_run(path, suite=None, eps=None, norm=None, split=None, n=None, whic
     (EvalResult, its config). What ``robustsparse eval`` runs.
 
     ``n`` (the first n points of the split) and ``autoattack_n`` (AutoAttack on the first autoattack_n of those)
-    default to the run's ``eval.n`` and ``eval.autoattack_n``; ``"all"`` overrides either with every point."""
+    default to the run's ``eval.n`` and ``eval.autoattack_n``; ``"all"`` overrides either with every point. The
+    run's ``autoattack_n`` is ignored by a suite without AutoAttack (``--suite clean --n 200`` of a run whose
+    protocol attacks the first 1,000); with AutoAttack in the suite, a subset larger than ``n`` is refused."""
     meta = load_meta(path, which)
     cfg = config_from_dict(meta["config"])
     if data_root is not None:
         cfg.data.root = data_root
     n = point_count(n, cfg.eval.n, "--n")
+    given_autoattack_n = autoattack_n
     autoattack_n = point_count(autoattack_n, cfg.eval.autoattack_n, "--autoattack-n")
     model = load(path, which=which, device=_eval_device(), lam=lam, mix=mix)
     x, y = load_split(cfg, cfg.eval.split if split is None else split)
     if n is not None:
         x, y = x[:n], y[:n]
+    suite = cfg.eval.suite if suite is None else suite
+    if given_autoattack_n is None and not any(i == "autoattack" or i in COMPONENTS for i in parse_suite(suite)):
+        autoattack_n = None  # the run's AutoAttack subset means nothing to a suite without AutoAttack
     if eps is None:
         eps = cfg.eval.eps if cfg.eval.eps is not None else cfg.attack.eps
-    return evaluate(model, x, y, suite=cfg.eval.suite if suite is None else suite, eps=eps,
+    return evaluate(model, x, y, suite=suite, eps=eps,
                     norm=norm or cfg.attack.norm, num_classes=meta["model_spec"]["num_classes"],
                     batch_size=batch_size or cfg.eval.batch_size, seed=seed, state_path=state,
                     progress=progress, autoattack_n=autoattack_n), cfg

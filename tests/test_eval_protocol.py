@@ -137,6 +137,8 @@ def test_evaluate_run_takes_the_protocol_from_the_run_and_all_overrides_it(proto
     assert res.points == {"clean": 20, "apgd-ce": 5}
     with pytest.raises(UserError, match="autoattack_n"):  # the run's 10 of an explicit 8 points
         evaluate_run(protocol_run, n=8, progress=False)
+    res, _ = evaluate_run(protocol_run, suite="clean,pgd-2", n=8, progress=False)  # no AutoAttack: no subset
+    assert res.points == {"clean": 8, "pgd-2": 8}
 
 
 def test_cli_eval_autoattack_n_flag_and_its_errors(protocol_run, small_aa, capsys):
