@@ -12,7 +12,7 @@ from .config import config_from_dict
 from .data import load_split
 from .errors import UserError
 from .eval import evaluate
-from .eval.evaluator import COMPONENTS, parse_suite, point_count
+from .eval.evaluator import is_autoattack_item, parse_suite, point_count
 from .ofa import at_lambda, ofa_method_of
 from .runs.atomic import write_json_atomic
 from .runs.checkpoint import find_checkpoint, load_checkpoint, read_meta
@@ -77,7 +77,7 @@ def evaluate_run(path, suite=None, eps=None, norm=None, split=None, n=None, whic
     if n is not None:
         x, y = x[:n], y[:n]
     suite = cfg.eval.suite if suite is None else suite
-    if given_autoattack_n is None and not any(i == "autoattack" or i in COMPONENTS for i in parse_suite(suite)):
+    if given_autoattack_n is None and not any(map(is_autoattack_item, parse_suite(suite))):
         autoattack_n = None  # the run's AutoAttack subset means nothing to a suite without AutoAttack
     if eps is None:
         eps = cfg.eval.eps if cfg.eval.eps is not None else cfg.attack.eps

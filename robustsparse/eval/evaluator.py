@@ -123,6 +123,11 @@ def subset_size(autoattack_n, n: int) -> int | None:
     return None if autoattack_n == n else int(autoattack_n)
 
 
+def is_autoattack_item(item: str) -> bool:
+    """True for the suite items that run on the AutoAttack subset (``autoattack_n``): AutoAttack and its parts."""
+    return item == "autoattack" or item in COMPONENTS
+
+
 def point_count(value, default, flag: str) -> int | None:
     """A number of points from a caller: None takes ``default`` (the run's config), ``"all"`` means every point
     (None), else an integer ≥ 1."""

@@ -26,11 +26,12 @@ import sys
 from ..api import eval_stage
 from ..config import RunConfig
 from ..errors import UserError
-from ..eval.evaluator import COMPONENTS, parse_suite
-from ..runs.atomic import write_json_atomic, write_text_atomic
+from ..eval.evaluator import is_autoattack_item, parse_suite
+from ..runs.atomic import write_json_atomic
 from ..train.stages import train_stage
 from .compare import _cell_name, after_training_cell, run_compare_seeds
 from .demo import METHODS, best_baseline
+from .study_report import worst_item, write_study_report
 
 STAGES = ("atinit", "autoattack", "posttrain", "ofa")
 AFTER_TRAINING_METHODS = ("hydra", "lwm")
@@ -43,7 +44,7 @@ OFA_RUNS = {"standard": {"train.method": "standard"}, "smart": {"train.method": 
 def grid_suite(cfg: RunConfig) -> str:
     """The suite of the grid and the λ sweep: the config's eval.suite without AutoAttack (clean + PGD-20 for
     fmnist_pgdat), run on every point; AutoAttack runs only in the stages that name it."""
-    items = [i for i in parse_suite(cfg.eval.suite) if i != "autoattack" and i not in COMPONENTS]
+    items = [i for i in parse_suite(cfg.eval.suite) if not is_autoattack_item(i)]
     if not items:
         raise UserError(f"study: eval.suite {cfg.eval.suite!r} leaves nothing for the grid once AutoAttack is removed")
     return ",".join(items)
@@ -87,15 +88,10 @@ def autoattack_targets(rows: list[dict], densities: list[float]) -> list[tuple[s
         at_density = [r for r in rows if r["density"] == density]
         if any(r["method"] == "awt" for r in at_density):
             targets.append(("awt", density))
-        best = best_baseline(at_density, score=lambda r: r["accuracy"][_worst_item(r)])
+        best = best_baseline(at_density, score=lambda r: r["accuracy"][worst_item(r)])
         if best is not None:
             targets.append((best["method"], density))
     return targets
-
-
-def _worst_item(row: dict) -> str:
-    """The attack item of a seed-mean row with the lowest accuracy (the grid's worst case, PGD in practice)."""
-    return min(row["accuracy"], key=lambda k: row["accuracy"][k])
 
 
 def _autoattack_stage(cfg: RunConfig, out: str, seeds: list[int], densities: list[float], progress: bool) -> None:
@@ -162,5 +158,4 @@ def run_study(cfg: RunConfig, out: str, seeds: list[int], methods=METHODS, densi
         _posttrain_stage(cfg, out, seeds, densities[0], posttrain_epochs, progress)
     if "ofa" in stages:
         _ofa_stage(cfg, out, seeds, lams, progress)
-    from .study_report import write_study_report
     return write_study_report(cfg, out, seeds, densities, config_name)

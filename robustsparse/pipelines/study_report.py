@@ -18,7 +18,7 @@ import statistics
 
 from ..config import RunConfig
 from ..runs.atomic import write_text_atomic
-from .compare import _cell_name
+from .compare import _cell_name, _mean_std
 from .demo import protocol_line
 
 AA = "autoattack"
@@ -32,8 +32,9 @@ def _read(path: str):
         return json.load(fh)
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+def worst_item(row: dict) -> str:
+    """The attack item of a row with the lowest accuracy (the grid's worst case: PGD in practice)."""
+    return min(row["accuracy"], key=lambda k: row["accuracy"][k])
 
 
 def _cell(values: list[float]) -> str:
@@ -94,7 +95,7 @@ def _atinit_claims(found: dict, rows: list[dict] | None, densities: list[float])
     at_last = [r for r in rows or [] if r["density"] == last and r["method"] != "dense"]
     awt_row = next((r for r in at_last if r["method"] == "awt"), None)
     if awt_row and len(at_last) > 1:
-        item = min(awt_row["accuracy"], key=lambda k: awt_row["accuracy"][k])
+        item = worst_item(awt_row)
         best = max((r for r in at_last if r["method"] != "awt"), key=lambda r: r["accuracy"][item])
         ok2 = awt_row["accuracy"][item] > best["accuracy"][item]
         detail2 = (f"{item}: AWT {awt_row['accuracy'][item]:.2%} ± {awt_row['accuracy_std'][item]:.2%}, best other "
