@@ -181,17 +181,25 @@ def _gram(a: Tensor, b: Tensor) -> Tensor:
     if a.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return a @ b.t()
     out = None
-    for s in range(0, a.shape[1], _GEMM_CHUNK):
-        term = (a[:, s:s + _GEMM_CHUNK] @ b[:, s:s + _GEMM_CHUNK].t()).double()
+    # split, not slicing: in a differentiable kernel each slice's backward allocates a zero gradient of the whole
+    # [ra, p] and adds into it (13 full-size buffers for smallcnn's fc1); split's backward is one concatenation
+    for chunk_a, chunk_b in zip(a.split(_GEMM_CHUNK, dim=1), b.split(_GEMM_CHUNK, dim=1)):
+        term = (chunk_a @ chunk_b.t()).double()
         out = term if out is None else out + term
     return out if out is not None else torch.zeros(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
 
 
-def _contract(j1: dict[str, Tensor], j2: dict[str, Tensor], mode: str) -> Tensor | None:
-    """Σ_p over per-parameter Jacobians [n, K, numel(p)]: [n1, n2, K, K] ("full") or [n1, n2] ("trace")."""
+def _contract(j1: dict[str, Tensor], j2: dict[str, Tensor], mode: str,
+              kept: dict[str, Tensor] | None = None) -> Tensor | None:
+    """Σ_p over per-parameter Jacobians [n, K, numel(p)]: [n1, n2, K, K] ("full") or [n1, n2] ("trace").
+
+    ``kept``: name -> flat indices of the unpruned coordinates. A masked Jacobian's other columns are zero, so
+    only these enter the products: a density-d kernel costs d times the dense GEMMs (and their backward)."""
     out = None
     for n in j1:
         a, b = j1[n], j2[n]
+        if kept and n in kept:
+            a, b = a.index_select(2, kept[n]), b.index_select(2, kept[n])
         n1, k, _ = a.shape
         n2 = b.shape[0]
         if mode == "full":
@@ -206,7 +214,10 @@ def _ntk_unchunked(model, x1, x2, params, mode):
     f = _per_sample_fn(model)
     j1 = _jacobian(f, params, x1)
     j2 = j1 if x2 is None else _jacobian(f, params, x2)
-    out = _contract(j1, j2, mode)
+    kept = None
+    if isinstance(model, _MaskedView):
+        kept = {f"inner.{n}": m.flatten().nonzero().squeeze(1) for n, m in model.masks.items()}
+    out = _contract(j1, j2, mode, kept)
     if out is None:  # empty params dict
         raise ValueError("params is empty: there is nothing to differentiate w.r.t.")
     return out.to(next(iter(params.values())).dtype).contiguous()

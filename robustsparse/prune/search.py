@@ -64,6 +64,7 @@ from torch.func import functional_call, grad, vmap
 from ..attacks.pgd import PGD
 from ..models.bn import calibrate_bn
 from ..analysis.ntk import empirical_ntk
+from ..utils.heap import retained_heap
 from ..utils.progress import progress_bar
 from ..runs.checkpoint import load_checkpoint, save_checkpoint
 from ..sparse import Mask, apply_mask, prunable_parameters
@@ -254,8 +255,9 @@ def ntk_search(model, cfg, x, y, points: str, state_dir: str | None = None, prog
     st.start_counts()
     kill_at = int(os.environ.get(KILL_AT_ITER_ENV, "-1"))
     started = time.perf_counter() - spent if st.resuming else set_up
-    with progress_bar(total=iters, initial=start, desc=f"{cfg.prune.method} search", unit="it",
-                      enabled=progress) as bar:
+    # retained_heap: every iteration rebuilds Jacobians of hundreds of MB; without it their pages fault in afresh
+    with retained_heap(), progress_bar(total=iters, initial=start, desc=f"{cfg.prune.method} search", unit="it",
+                                       enabled=progress) as bar:
         for it in range(start, iters):
             if it == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
