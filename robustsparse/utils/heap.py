@@ -3,8 +3,8 @@
 glibc's malloc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and hands
 it back with ``munmap`` when freed, so a loop that builds a 400 MB Jacobian each iteration pays one page fault per
 4 KiB page, every iteration, in kernel time. The faithful NTT/AWT search on ``smallcnn`` spent 40-60% of its CPU
-time there (measured: ~2.5 million minor faults and 10-14 s of system time per iteration on 2-core Xeon and EPYC
-machines). Inside `retained_heap` large blocks come from the heap instead and freed ones stay there for reuse:
+time there (measured: ~2.5 million minor faults and 10-14 s of system time per iteration on a 2-core EPYC; 40%
+system time on a 2-core Xeon). Inside `retained_heap` large blocks come from the heap instead and freed ones stay there for reuse:
 zero faults after the first iteration. On exit the defaults come back and the unused top of the heap is returned
 to the system (``malloc_trim``). The peak resident memory is that of one iteration, as before; it is simply held
 until the block ends.
