@@ -65,6 +65,39 @@ def test_damaged_newest_checkpoints_are_refused_and_resume_falls_back_exactly(tm
     assert left == sorted(["last.json", os.path.basename(last_weights)])
 
 
+class _Killed(Exception):
+    pass
+
+
+def test_a_kill_between_the_final_best_and_last_resumes_to_the_uninterrupted_last(tmp_path, monkeypatch):
+    """The epoch's end writes best, then last. A kill between them leaves best one epoch ahead of last (a step
+    checkpoint); resume starts from best, and must still leave last as the uninterrupted run's."""
+    from robustsparse.train import trainer
+    args = ["digits_pgdat", *FAST, "train.epochs=1", "train.checkpoint_every_steps=4"]  # 9 steps: last at 4, 8
+    ref, run = str(tmp_path / "ref"), str(tmp_path / "run")
+    assert main(["train", *args, "--out", ref, "--no-progress"]) == 0
+    save = trainer.Checkpointer.save
+
+    def dies_before_the_final_last(self, label, epoch, step, epoch_sums):
+        if label == "last" and (epoch, step) == (1, 0):
+            raise _Killed
+        save(self, label, epoch, step, epoch_sums)
+    monkeypatch.setattr(trainer.Checkpointer, "save", dies_before_the_final_last)
+    with pytest.raises(_Killed):
+        main(["train", *args, "--out", run, "--no-progress"])
+    ckpt = os.path.join(run, "checkpoints")
+    assert (read_meta(os.path.join(ckpt, "last.json"))["step"], read_meta(os.path.join(ckpt, "best.json"))["epoch"]) \
+        == (8, 1)
+    monkeypatch.setattr(trainer.Checkpointer, "save", save)
+    assert main(["train", "--resume", "--out", run, "--no-progress"]) == 0
+    for label in ("last", "best"):
+        a, ma = load_checkpoint(os.path.join(ref, "checkpoints", f"{label}.json"))
+        b, mb = load_checkpoint(os.path.join(ckpt, f"{label}.json"))
+        assert _bits(a) == _bits(b), label
+        assert (ma["epoch"], ma["step"], ma["best"]) == (mb["epoch"], mb["step"], mb["best"]), label
+    assert json.load(open(os.path.join(run, "run.json")))["status"] == "finished"
+
+
 def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path, monkeypatch):
     path = str(tmp_path / "eval.json")
     atomic.write_json_atomic(path, {"v": 1})

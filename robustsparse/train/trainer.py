@@ -161,8 +161,13 @@ class Checkpointer:
             "engine": r.engine.state_dict()})
 
     def resume(self) -> tuple[int, int, dict | None, bool]:
-        """Load the newest intact checkpoint ('last', or an older one if 'last' is damaged): (epoch, step,
-        partial-epoch sums, whether an older one had to be used)."""
+        """Load the checkpoint with the most progress that verifies: (epoch, step, partial-epoch sums, whether it
+        was another than 'last').
+
+        Another one is chosen when 'last' is damaged, or when a kill landed between an epoch's 'best' (or
+        'epoch-k') and its 'last': then 'best' is one epoch ahead of 'last'. Either way the caller rewrites 'last'
+        from the loaded state at once; otherwise a run whose final epoch ended so would finish with 'last' an
+        epoch behind."""
         found = newest_intact(self.dir)
         if found is None:
             return 0, 0, None, False
@@ -175,7 +180,7 @@ class Checkpointer:
         load_optimizer(r.optimizer, {k: v.to(device) for k, v in tensors.items()}, meta["optimizer_param_groups"])
         self.best = meta["best"]
         r.engine.load_state_dict(meta.get("engine"))
-        return meta["epoch"], meta["step"], meta["epoch_sums"], bool(problems)
+        return meta["epoch"], meta["step"], meta["epoch_sums"], bool(problems) or meta.get("label") != "last"
 
 
 def _train_epoch(r: _Run, epoch: int, first: int, sums: dict | None, guard, ckpt: Checkpointer,
@@ -271,8 +276,10 @@ def train(cfg: RunConfig | None, out: str, resume: bool = False, progress: bool 
         write_status(out, status="running", device=str(engine.device), torch=torch.__version__,
                      engine=engine.describe(), **({"ticket": ticket_summary(t.ticket)} if t.ticket else {}))
     guard = TrainingGuard(out, t, r.spec["num_classes"], r.model, writes=engine.is_main)  # divergence, overfitting
-    if fell_back:  # resumed from an older checkpoint: replace the damaged 'last' right away
+    if fell_back:  # 'last' was damaged or an epoch behind: replace it from the state resumed, right away
         ckpt.save("last", start_epoch, start_step, sums)
+        if engine.is_main and log.rows:  # the epoch's end may have been cut before its plot
+            plot_curves(log.rows, os.path.join(out, "curves.png"))
     for epoch in range(start_epoch, t.epochs):
         first = start_step if epoch == start_epoch else 0
         row = _train_epoch(r, epoch, first, sums, guard, ckpt, progress)
