@@ -3,7 +3,13 @@ not fault them in afresh.
 
 The fault counts are taken in a fresh interpreter. In the middle of the suite the process's heap state (what
 earlier tests mapped above it) decides whether glibc can grow the heap at all: there the block saw every page
-fault, and outside it 0 were seen, so neither side says anything about `retained_heap` itself."""
+fault, and outside it 0 were seen, so neither side says anything about `retained_heap` itself.
+
+Inside the block the first two or three allocations may each fault a fresh block in: torch asks for its storage
+with posix_memalign, whose request is a few bytes larger than the chunk the previous iteration freed, so while a
+small allocation sits between that chunk and the heap's top the next one comes from the top. Within three
+iterations the freed chunks coalesce (measured on 40 fresh interpreters: the last faulting allocation was the
+1st in 17, the 2nd in 9, the 3rd in 14, never later), so the steady state is measured after three."""
 import os
 import subprocess
 import sys
@@ -26,7 +32,8 @@ _PROBE = textwrap.dedent("""
 
     faults(); outside = faults()
     with retained_heap() as active:
-        faults(); inside = faults()
+        warm_up = [faults() for _ in range(3)]
+        inside = sum(faults() for _ in range(4))
     faults(); after = faults()
     print(active, outside, inside, after)
 """)
@@ -47,7 +54,7 @@ def test_retained_heap_reuses_freed_pages_in_a_fresh_process():
     active, outside, inside, after = out[0] == "True", *map(int, out[1:])
     pages = 64 * 2 ** 20 // 4096
     assert active
-    assert inside < pages // 20, (outside, inside, after)
+    assert inside < pages // 20, (outside, inside, after)  # over 4 steady-state allocations
     if not _transparent_huge_pages_always():  # with 2 MB pages a fresh mmap faults only 32 times
         assert outside > pages // 2, (outside, inside, after)  # the default: a fresh mmap per large block
         assert after > pages // 2, (outside, inside, after)  # and the default again after the block

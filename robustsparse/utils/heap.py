@@ -1,13 +1,14 @@
 """Keep freed memory in the process while a loop allocates the same large tensors every iteration.
 
-glibc's malloc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and hands
-it back with ``munmap`` when freed, so a loop that builds a 400 MB Jacobian each iteration pays one page fault per
-4 KiB page, every iteration, in kernel time. The faithful NTT/AWT search on ``smallcnn`` spent 40-60% of its CPU
-time there (measured: ~2.5 million minor faults and 10-14 s of system time per iteration on a 2-core EPYC; 40%
-system time on a 2-core Xeon). Inside `retained_heap` large blocks come from the heap instead and freed ones stay there for reuse:
-zero faults after the first iteration. On exit the defaults come back and the unused top of the heap is returned
-to the system (``malloc_trim``). The peak resident memory is that of one iteration, as before; it is simply held
-until the block ends.
+glibc's malloc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh ``mmap`` and hands it
+back with ``munmap`` when freed, so a loop that builds a 400 MB Jacobian each iteration pays one page fault per 4
+KiB page, every iteration, in kernel time. The faithful NTT/AWT search on ``smallcnn`` spent 40-60% of its CPU time
+there (measured: ~2.5 million minor faults and 10-14 s of system time per iteration on a 2-core EPYC; 40% system
+time on a 2-core Xeon). Inside `retained_heap` large blocks come from the heap instead and freed ones stay there
+for reuse: zero faults once the first two or three iterations have sized the heap. On exit the defaults come back
+and the unused top of the heap is returned to the system (``malloc_trim``). The memory held can reach about twice one
+iteration's large blocks while the heap sizes itself (torch's posix_memalign asks for a little more than the chunk
+the last iteration freed, so two chunks leapfrog until they coalesce); it is held until the block ends.
 
 No-op (with no error) where the C library has no ``mallopt``: musl, macOS, Windows.
 """
