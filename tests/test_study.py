@@ -82,6 +82,8 @@ def test_claim_verdicts_follow_their_thresholds():
     found[("dense", 1.0)]["autoattack"] = [0.71, 0.72]
     lines = study_report._atinit_claims(found, rows, [0.1, 0.05])
     assert "**not met**" in lines[0] and "**not met**" in lines[1] and "best other snip" in lines[1]
+    lines = study_report._atinit_claims(found, rows, [0.1, 0.05], {0.1: "short", 0.05: "faithful"})
+    assert "AWT (`short` preset, a variant" in lines[0] and "AWT (`faithful` preset) at density 0.05" in lines[1]
 
     def sweep(smart, oat):
         pts = [{"label": "smart", "lam": lam, "accuracy": {"clean": c, "pgd-20": r}} for lam, c, r in smart]

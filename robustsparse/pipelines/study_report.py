@@ -81,15 +81,38 @@ def _autoattack_lines(found: dict) -> list[str]:
     return lines + ["", "Mean ± sample std over the seeds (each seed's value in brackets)."]
 
 
-def _atinit_claims(found: dict, rows: list[dict] | None, densities: list[float]) -> list[str]:
+def _awt_presets(out: str, seeds: list[int], densities: list[float]) -> dict[float, str]:
+    """density -> the search preset (prune.json "preset") the AWT tickets of the study used, where recorded."""
+    presets = {}
+    for d in densities:
+        found = {(_read(os.path.join(out, "atinit", f"seed{s}", _cell_name("awt", d), "ticket", "prune.json"))
+                  or {}).get("preset") for s in seeds} - {None}
+        if found:
+            presets[d] = "/".join(sorted(found))
+    return presets
+
+
+def _awt_label(presets: dict[float, str], density: float) -> str:
+    """'AWT' plus its preset; a claim judged on anything but `faithful` says so, since the claim is the method's."""
+    preset = presets.get(density)
+    if preset is None:
+        return "AWT"
+    caveat = "" if preset == "faithful" else ", a variant: the claim is the method's, `prune.preset=faithful`"
+    return f"AWT (`{preset}` preset{caveat})"
+
+
+def _atinit_claims(found: dict, rows: list[dict] | None, densities: list[float],
+                   presets: dict[float, str] | None = None) -> list[str]:
     first, last = densities[0], densities[-1]
+    presets = presets or {}
     dense, awt = found.get(("dense", 1.0)), found.get(("awt", first))
     ok1 = None
     if dense and awt:
         gap = statistics.fmean(dense[AA]) - statistics.fmean(awt[AA])
         ok1 = gap <= 0.01 + ROUNDING
         detail1 = f"dense {statistics.fmean(dense[AA]):.2%}, AWT {statistics.fmean(awt[AA]):.2%}, gap {gap:+.2%}"
-    lines = [f"- AWT at density {first:g} within 1 point of dense under AutoAttack: {_verdict(ok1)}"
+    lines = [f"- {_awt_label(presets, first)} at density {first:g} within 1 point of dense under AutoAttack: "
+             f"{_verdict(ok1)}"
              + (f" ({detail1})" if ok1 is not None else "")]
     ok2, detail2 = None, ""
     at_last = [r for r in rows or [] if r["density"] == last and r["method"] != "dense"]
@@ -105,7 +128,7 @@ def _atinit_claims(found: dict, rows: list[dict] | None, densities: list[float])
             a, b = statistics.fmean(found[("awt", last)][AA]), statistics.fmean(other_aa[AA])
             ok2 = ok2 and a > b
             detail2 += f"; AutoAttack: AWT {a:.2%}, {best['method']} {b:.2%}"
-    lines.append(f"- AWT at density {last:g} above every other at-init method: {_verdict(ok2)}"
+    lines.append(f"- {_awt_label(presets, last)} at density {last:g} above every other at-init method: {_verdict(ok2)}"
                  + (f" ({detail2})" if detail2 else ""))
     return lines
 
@@ -192,7 +215,8 @@ def write_study_report(cfg: RunConfig, out: str, seeds: list[int], densities: li
     sweeps = _sweeps(out, seeds)
     lines = [f"# robustsparse study: `{config_name or cfg.data.name}`, seeds {', '.join(map(str, seeds))}", "",
              protocol_line(cfg), "",
-             "## Seed claims", "", *_atinit_claims(found, rows, densities), *_ofa_claims(sweeps), "",
+             "## Seed claims", "", *_atinit_claims(found, rows, densities, _awt_presets(out, seeds, densities)),
+             *_ofa_claims(sweeps), "",
              "## At initialisation (clean + PGD, every test point)", "",
              *_embedded(os.path.join(out, "atinit", "results.md"), "At-init stage: not run yet.", out), "",
              "## AutoAttack: dense, AWT and the best other at-init method", "", *_autoattack_lines(found), "",
