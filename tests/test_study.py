@@ -40,7 +40,7 @@ def test_study_runs_every_stage_judges_every_claim_and_continues(cheap_autoattac
                   config_name="digits_pgdat", posttrain_epochs=1)
     text = open(run_study(cfg, out, stages=("atinit",), **kwargs)).read()
     assert "AutoAttack stage: not run yet." in text and "Once-for-all stage: not run yet." in text
-    assert "not measured yet" in text and "| hydra | 0.3 | missing" in text
+    assert "not measured yet" in text and "| hydra | 0.3 | none yet | missing" in text
 
     text = open(run_study(cfg, out, **kwargs)).read()
     for s in (0, 1):
@@ -59,6 +59,21 @@ def test_study_runs_every_stage_judges_every_claim_and_continues(cheap_autoattac
     assert main(["study", "digits_pgdat", *TINY, "--out", out, "--seeds", "0,1", "--methods", "magnitude,awt",
                  "--densities", "0.3,0.2", "--lams", "0,1", "--posttrain-epochs", "1", "--no-progress"]) == 0
     assert _mtimes(out) == stamps  # nothing retrained, re-pruned or re-attacked
+
+
+def test_a_seed_still_running_is_named_in_the_after_training_table(tmp_path):
+    def record(seed, clean, pgd):
+        folder = tmp_path / "posttrain" / f"seed{seed}"
+        folder.mkdir(parents=True)
+        (folder / "hydra-d0.1.json").write_text(json.dumps(
+            {"accuracy": {"clean": clean, "pgd-20": pgd}, "cost": {"seconds": 100.0 * (seed + 1)}}))
+    record(0, 0.76, 0.64)
+    partial = study_report._posttrain_lines(str(tmp_path), [0, 1], 0.1)
+    assert "| hydra | 0.1 | 0 (1 missing) | 76.00% ± " in partial[2] and "(64.00%)" in partial[2]
+    assert partial[3].startswith("| lwm | 0.1 | none yet | missing")
+    record(1, 0.74, 0.60)
+    pooled = study_report._posttrain_lines(str(tmp_path), [0, 1], 0.1)[2]
+    assert "| hydra | 0.1 | 0, 1 | 75.00% ± 1.41% (76.00%, 74.00%) | 62.00% ± 2.83% (64.00%, 60.00%) | 150 |" == pooled
 
 
 def test_the_best_baseline_is_chosen_on_seed_mean_pgd_not_on_autoattack():

@@ -180,15 +180,21 @@ def _ofa_claims(sweeps: list[dict] | None) -> list[str]:
 
 
 def _posttrain_lines(out: str, seeds: list[int], density: float) -> list[str]:
-    lines = ["| method | density | clean | PGD-20 | total training wall s (mean) |", "|---|---:|---:|---:|---:|"]
+    """HYDRA and LWM over the seeds that have finished; a seed still running is named, not silently averaged."""
+    lines = ["| method | density | seeds | clean | PGD-20 | total training wall s (mean) |",
+             "|---|---:|---|---:|---:|---:|"]
     for method in ("hydra", "lwm"):
-        rows = [_read(os.path.join(out, "posttrain", f"seed{s}", f"{_cell_name(method, density)}.json"))
-                for s in seeds]
-        if any(r is None for r in rows):
-            lines.append(f"| {method} | {density:g} | missing | missing | |")
+        found = {s: _read(os.path.join(out, "posttrain", f"seed{s}", f"{_cell_name(method, density)}.json"))
+                 for s in seeds}
+        rows = [r for r in found.values() if r is not None]
+        if not rows:
+            lines.append(f"| {method} | {density:g} | none yet | missing | missing | |")
             continue
+        absent = [str(s) for s, r in found.items() if r is None]
+        seed_note = ", ".join(str(s) for s, r in found.items() if r is not None) + \
+            (f" ({', '.join(absent)} missing)" if absent else "")
         item = next(i for i in rows[0]["accuracy"] if i.startswith("pgd"))
-        lines.append(f"| {method} | {density:g} | {_cell([r['accuracy']['clean'] for r in rows])} | "
+        lines.append(f"| {method} | {density:g} | {seed_note} | {_cell([r['accuracy']['clean'] for r in rows])} | "
                      f"{_cell([r['accuracy'][item] for r in rows])} | "
                      f"{statistics.fmean(r['cost']['seconds'] for r in rows):.0f} |")
     return lines
