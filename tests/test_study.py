@@ -107,8 +107,11 @@ def test_claim_verdicts_follow_their_thresholds():
                 {"label": "float", "lam": 0.0, "accuracy": {"clean": 0.1, "pgd-20": 0.1}}]
         return {"points": pts}
     smart = [(0.0, 0.9, 0.3), (1.0, 0.8, 0.6)]
-    lines = study_report._ofa_claims([sweep(smart, [(0.0, 0.85, 0.3), (1.0, 0.8, 0.6)])])
+    lines = study_report._ofa_claims({0: sweep(smart, [(0.0, 0.85, 0.3), (1.0, 0.8, 0.6)])}, [0])
     assert "**met**" in lines[0] and "not measured yet" in lines[1]  # λ=0 clean equal; no AutoAttack yet
     assert "OAT's" in lines[2] and "**met**" in lines[2] and "**met**" in lines[3]
-    lines = study_report._ofa_claims([sweep(smart, [(0.0, 0.85, 0.3), (1.0, 0.79, 0.61)])])
-    assert "**not met**" in lines[2] and "seed 0 λ=1" in lines[2]
+    lines = study_report._ofa_claims({1: sweep(smart, [(0.0, 0.85, 0.3), (1.0, 0.79, 0.61)])}, [0, 1])
+    assert "**not met**" in lines[2] and "seed 1 λ=1" in lines[2]  # labelled by the seed, not its position
+    assert all("[seeds 1; 0 not run yet]" in line for line in (lines[0], lines[2], lines[3]))
+    assert study_report._ofa_claims({}, [0, 1]) == [
+        "- SMART claims: the once-for-all stage has not run yet (not measured)."]
