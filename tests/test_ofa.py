@@ -252,7 +252,7 @@ def test_sweep_writes_json_markdown_png_and_resumes(smart_run, tmp_path, monkeyp
         rs.sweep([out], [0], suite="clean", out=dest, n=12, progress=False)
 
 
-def test_awt_masks_are_found_at_the_first_step(digits_test):
+def test_awt_masks_are_found_at_the_first_step(digits_test, capsys):
     cfg = tiny_cfg("smart", "ofa.mask_source=awt", "ofa.overlap=complementary", "ofa.density_clean=0.3",
                    "ofa.density_adv=0.4", "prune.search_iters=1", "prune.search_batch=8")
     from robustsparse.train.spec import build_from_spec, model_spec
@@ -262,6 +262,8 @@ def test_awt_masks_are_found_at_the_first_step(digits_test):
     step = build_objective(model, cfg)
     assert torch.isfinite(step(digits_test[0][:16], digits_test[1][:16]).loss)
     assert int(model.smart_masks_ready) == 1
+    err = capsys.readouterr().err  # the searches run inside a training step: no bars of their own (--no-progress)
+    assert "search" not in err and "SynFlow" not in err
     clean, adv = expert_mask_tensors(model)
     assert abs(clean.density() - 0.3) < 0.01 and abs(adv.density() - 0.4) < 0.01 and mask_iou(model) == 0
 

@@ -210,7 +210,9 @@ register_ofa("smart", convert, at_lambda)
 def find_ticket_masks(model, cfg, x, y) -> None:
     """``mask_source=awt``: the clean expert from an NTT ticket (clean-point NTK), the adversarial expert from an
     AWT ticket (adversarial-point NTK), both searched from the current θ₀ with the clean BN; only the masks are
-    used (the experts share θ₀). Ticket weights rank first, then |θ₀| breaks the ties the overlap needs."""
+    used (the experts share θ₀). Ticket weights rank first, then |θ₀| breaks the ties the overlap needs.
+    The searches run inside a training step, so they draw no progress bars of their own (the epoch's bar, or its
+    one-line summary under --no-progress, is the progress a user sees)."""
     from ..prune.registry import find_ticket
 
     dense = _collapse_dense(model)
@@ -220,7 +222,7 @@ def find_ticket_masks(model, cfg, x, y) -> None:
         sub = copy.deepcopy(cfg)
         sub.prune.method, sub.prune.density = method, density
         sub.prune.min_layer_density = min(sub.prune.min_layer_density, density)
-        tickets[expert] = find_ticket(dense, sub, x, y).mask
+        tickets[expert] = find_ticket(dense, sub, x, y, progress=False).mask
     for name, layer in dual_layers(model).items():
         w = layer.weight.detach().abs()
         tie = 0.5 * w / w.max().clamp_min(1e-12)
