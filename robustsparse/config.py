@@ -159,6 +159,8 @@ class OfaConfig:
     lambdas: list[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 1.0])  # OAT's training λ set
     encoding: str = "rand"  # OAT λ encoding: rand (random orthogonal rows, OAT's default) | scalar (λ itself)
     encoding_dim: int = 128  # OAT rand encoding size (OAT --dim)
+    film_at: str = "auto"  # OAT FiLM sites: bn (after every BN but the shortcuts', OAT's code) | conv (after every
+    #                        conv, where a BN would be) | auto (bn if the model has BN, else conv) [INFERRED]
     noise_init: float = 0.25  # FLOAT: initial per-layer noise scale α
     density_clean: float = 0.5  # SMART: kept fraction of each split layer for the clean expert (d_c)
     density_adv: float = 0.5  # SMART: ... for the adversarial expert (d_a)
@@ -354,6 +356,7 @@ def _validate_ofa(cfg: "RunConfig") -> None:
                         f"got {o.density_clean} + {o.density_adv}; lower a density or use overlap=independent")
     _range("ofa.split_from", o.split_from, lo=0)
     _choice("ofa.mask_source", o.mask_source, ("random", "magnitude", "learned", "awt"))
+    _choice("ofa.film_at", o.film_at, ("auto", "bn", "conv"))
     _choice("ofa.mix", o.mix, ("switch", "weight", "logit"))
     if t.method in ("oat", "float", "smart"):
         if t.ticket is not None:

@@ -153,6 +153,10 @@ def test_a_model_at_chance_level_is_flagged_not_stopped(tmp_path, capsys, monkey
     assert guards.chance_level({"epoch": 0, "val_clean_acc": 0.10}, 10).startswith("the model is at chance level")
     assert guards.chance_level({"epoch": 0, "val_clean_acc": 0.119}, 10)  # within 2 points of a constant guess
     assert guards.chance_level({"epoch": 0, "val_clean_acc": 0.13}, 10) is None
+    # a once-for-all model validated at λ = 1 whose accurate end (λ = 0) learns nothing is flagged too
+    lam0 = guards.chance_level({"epoch": 2, "val_clean_acc": 0.74, "val_clean_acc_lam0": 0.10}, 10)
+    assert lam0.startswith("the accurate end (λ = 0) is at chance level at epoch 3")
+    assert guards.chance_level({"epoch": 2, "val_clean_acc": 0.74, "val_clean_acc_lam0": 0.77}, 10) is None
     assert guards.chance_level({"epoch": 0, "val_clean_acc": 0.51}, 2)
     assert guards.chance_level({"epoch": 0, "val_clean_acc": 0.55}, 2) is None
     assert guards.chance_level({"epoch": 0}, 10) is None  # not validated this epoch

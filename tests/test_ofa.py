@@ -277,3 +277,19 @@ def test_cli_eval_needs_lam_and_sweep_runs(smart_run, tmp_path, capsys):
     assert main(["sweep", out, "--lams", "0,0.5", "--suite", "clean", "--n", "8", "--out", str(tmp_path / "s"),
                  "--no-progress"]) == 0
     assert "| smart | smart | 0.5 | logit |" in capsys.readouterr().out
+
+
+def test_oat_on_a_network_without_bn_conditions_after_every_conv():
+    """SmallCNN has no BN: FiLM after BN (OAT's code) would leave one network for every λ; film_at=auto puts FiLM
+    after every convolution instead, so λ changes the output, and film_at=bn is refused with the fix named."""
+    from robustsparse.ofa.oat import ConvFiLM
+    torch.manual_seed(0)
+    base = rs.build_model("smallcnn", 1, 10, (28, 28))
+    oat = conditional("oat", base=base)
+    convs = [m for m in oat.modules() if isinstance(m, ConvFiLM)]
+    assert len(convs) == 4 and not any(isinstance(m, BatchNormFiLM) for m in oat.modules())
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        assert (at_lambda(oat, 0.0)(x) - at_lambda(oat, 1.0)(x)).abs().max() > 1e-4
+    with pytest.raises(rs.UserError, match="film_at=conv"):
+        conditional("oat", base=base, film_at="bn")

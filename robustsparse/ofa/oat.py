@@ -14,6 +14,11 @@ Training, per batch of B (OAT "efficient" mode):
   x̃_i = PGD-k(f(·; λ_i, BN_a), x_i, y_i) for the λ>0 samples (eval mode, no parameter grads)
   L = mean_i [ (1 − λ_i) · CE(z_i, y_i) + λ_i · CE(f(x̃_i; λ_i, BN_a), y_i) ]
 Inference at λ: FiLM conditioned on e(λ); BN_c iff λ = 0.
+
+A network without BN (the TRADES SmallCNN of ``fmnist_pgdat``) has no site of OAT's code, and FiLM after BN would
+leave it unconditioned: every λ the same network. ``ofa.film_at`` (method-notes [INFERRED]): ``bn`` (OAT's code;
+refused on a model without BN), ``conv`` (after every convolution, where its BN would be), ``auto`` (default: bn if
+the model has a BN, else conv).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import UserError
 from ..models.dual_bn import DualBatchNorm2d, bn_route, convert_to_dual_bn
 from .base import AtLambda, register_ofa, replace_module, restoring
 
@@ -45,19 +51,37 @@ class FiLM(nn.Module):
         return 2 * out[0].numel()
 
 
-class BatchNormFiLM(nn.Module):
-    """A dual BN followed by FiLM; ``cond`` (N or 1, dim) is set by `conditioned` before every forward."""
+class _FiLMAfter(nn.Module):
+    """A layer followed by FiLM; ``cond`` (N or 1, dim) is set by `conditioned` before every forward. The layer is
+    held under its kind's name (``bn``, ``conv``), so checkpoints keep their keys."""
 
-    def __init__(self, bn: DualBatchNorm2d, in_features: int):
+    def __init__(self, kind: str, layer: nn.Module, channels: int, in_features: int):
         super().__init__()
-        self.bn = bn
-        self.film = FiLM(bn.num_features, in_features)
+        self.kind = kind
+        setattr(self, kind, layer)
+        self.film = FiLM(channels, in_features)
         self.cond = None
 
     def forward(self, x):
         if self.cond is None:
             raise RuntimeError("an OAT model was run without λ; use robustsparse.ofa.at_lambda(model, lam)")
-        return self.film(self.bn(x), self.cond)
+        return self.film(getattr(self, self.kind)(x), self.cond)
+
+
+class BatchNormFiLM(_FiLMAfter):
+    """A dual BN followed by FiLM: OAT's site."""
+
+    def __init__(self, bn: DualBatchNorm2d, in_features: int):
+        super().__init__("bn", bn, bn.num_features, in_features)
+
+
+class ConvFiLM(_FiLMAfter):
+    """A convolution followed by FiLM: OAT's conditioning where a network has no BN (``ofa.film_at=conv``)."""
+
+    def __init__(self, conv: nn.Conv2d, in_features: int):
+        super().__init__("conv", conv, conv.out_channels, in_features)
+
+
 
 
 def _final_preact_bn(model) -> str | None:
@@ -90,11 +114,34 @@ def _codes(options: dict, seed: int) -> torch.Tensor:
     return q[:len(lambdas)].contiguous()
 
 
+def conv_sites(model) -> list[str]:
+    """Names of every convolution: the FiLM sites of ``ofa.film_at=conv``."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def film_placement(model, film_at: str) -> str:
+    """``bn`` or ``conv`` for ``ofa.film_at`` on this (not yet converted) model; a request it cannot meet is refused."""
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if film_at == "auto":
+        return "bn" if has_bn else "conv"
+    if film_at == "bn" and not has_bn:
+        raise UserError("ofa.film_at=bn: this model has no BatchNorm, so OAT would have no FiLM layer and one network "
+                        "for every λ; use ofa.film_at=conv (or auto)")
+    return film_at
+
+
 def convert(model, options: dict, seed: int):
+    placement = film_placement(model, options.get("film_at", "auto"))  # runs saved before film_at: auto
     convert_to_dual_bn(model)
     codes = _codes(options, seed)
-    for name in film_sites(model):
-        replace_module(model, name, BatchNormFiLM(model.get_submodule(name), codes.shape[1]))
+    if placement == "bn":
+        sites = [(n, BatchNormFiLM(model.get_submodule(n), codes.shape[1])) for n in film_sites(model)]
+    else:
+        sites = [(n, ConvFiLM(model.get_submodule(n), codes.shape[1])) for n in conv_sites(model)]
+    if not sites:
+        raise UserError(f"OAT: this model has no {'BN' if placement == 'bn' else 'convolution'} to put FiLM after")
+    for name, module in sites:
+        replace_module(model, name, module)
     model.register_buffer("lambda_codes", codes)  # a buffer on the Sequential root: saved, never run
     model.register_buffer("lambda_values", torch.tensor(sorted(options["lambdas"]), dtype=torch.float32))
     return model
@@ -116,7 +163,7 @@ def encode(model, lam: torch.Tensor) -> torch.Tensor:
 
 @contextmanager
 def conditioned(model, cond: torch.Tensor, route):
-    films = [m for m in model.modules() if isinstance(m, BatchNormFiLM)]
+    films = [m for m in model.modules() if isinstance(m, _FiLMAfter)]
     with restoring(films, "cond", cond), bn_route(model, route):
         yield model
 

@@ -95,14 +95,19 @@ def chance_level(row: dict, num_classes: int) -> str | None:
     """A sentence if the validated epoch ``row`` classifies clean points no better than a constant guess, else
     None. Measured on Fashion-MNIST: a GraSP ticket of the BN-free SmallCNN starts with logits ~4,000× the dense
     network's, its first SGD steps kill every ReLU, and the loss then sits at ln(classes) below the divergence
-    limit; this is what tells the user."""
-    clean = row.get("val_clean_acc")
-    if clean is None or clean > 1 / max(num_classes, 2) + CHANCE_MARGIN:
-        return None
-    return (f"the model is at chance level at epoch {row['epoch'] + 1}: val clean accuracy {clean:.1%} with "
-            f"{num_classes} classes (a constant guess scores {1 / max(num_classes, 2):.1%}); its training is not "
-            "learning (dead ReLUs after an exploding first step are the usual cause: lower train.lr or check the "
-            "ticket's initial outputs)")
+    limit; this is what tells the user. A once-for-all model is validated at λ = 1, so its accurate end (λ = 0,
+    ``val_clean_acc_lam0``) is checked too: SMART with ``ofa.mask_source=awt`` on that SmallCNN trained a robust
+    expert while its clean expert sat at 10% for every epoch."""
+    guess = 1 / max(num_classes, 2)
+    for key, what in (("val_clean_acc", "the model"), ("val_clean_acc_lam0", "the accurate end (λ = 0)")):
+        clean = row.get(key)
+        if clean is not None and clean <= guess + CHANCE_MARGIN:
+            return (f"{what} is at chance level at epoch {row['epoch'] + 1}: val clean accuracy {clean:.1%} with "
+                    f"{num_classes} classes (a constant guess scores {guess:.1%}); its training is not learning "
+                    "(dead ReLUs after an exploding first step, or a path whose weights are too small to carry the "
+                    "signal in a network without BN, are the usual causes: lower train.lr or check the ticket's "
+                    "or expert's initial outputs)")
+    return None
 
 
 class TrainingGuard:
