@@ -289,7 +289,18 @@ def test_oat_on_a_network_without_bn_conditions_after_every_conv():
     convs = [m for m in oat.modules() if isinstance(m, ConvFiLM)]
     assert len(convs) == 4 and not any(isinstance(m, BatchNormFiLM) for m in oat.modules())
     x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():  # each FiLM starts at the identity: the unconverted network's outputs at every λ
+        assert torch.allclose(at_lambda(oat, 0.3)(x), base.eval()(x), atol=1e-5)
+    # and λ-dependence is learnable: one step on the FiLM MLPs makes λ = 0 and λ = 1 differ
+    films = [p for m in convs for p in m.film.parameters()]
+    opt = torch.optim.SGD(films, lr=0.5)
+    (at_lambda(oat, 0.0)(x).logsumexp(1).mean() - at_lambda(oat, 1.0)(x).logsumexp(1).mean()).backward()
+    opt.step()
+    from robustsparse.ofa.oat import encode
     with torch.no_grad():
-        assert (at_lambda(oat, 0.0)(x) - at_lambda(oat, 1.0)(x)).abs().max() > 1e-4
+        codes = encode(oat, torch.tensor([0.0, 1.0]))
+        for m in convs:  # every FiLM's (μ, σ) now depends on λ (at the identity start it was exactly the bias)
+            mu_sigma = m.film.mlp(codes)
+            assert (mu_sigma[0] - mu_sigma[1]).abs().max() > 0
     with pytest.raises(rs.UserError, match="film_at=conv"):
         conditional("oat", base=base, film_at="bn")
