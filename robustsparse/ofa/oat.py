@@ -81,10 +81,11 @@ class ConvFiLM(_FiLMAfter):
 
     def __init__(self, conv: nn.Conv2d, in_features: int):
         super().__init__("conv", conv, conv.out_channels, in_features)
-        # Start at the identity (μ = 1, σ = 0 for every λ). OAT's random init gives mean |μ| 0.02-0.04 a channel; after a
-        # BN the next BN undoes that scale, but without BN four such layers shrink the signal ~10⁶× and the network
-        # never leaves chance (measured: fmnist OAT, loss 2.303 and 10% for a whole epoch). The last layer's bias
-        # carries the 1, its zeroed weight still gets a gradient, so λ-dependence is learned from there.
+        # Start at the identity (μ = 1, σ = 0 for every λ). OAT's random init gives mean |μ| 0.02-0.04 a
+        # channel; after a BN the next BN undoes that scale, but without BN four such layers shrink the signal
+        # ~10⁶× and the network never leaves chance (measured: fmnist OAT, loss 2.303 and 10% for a whole
+        # epoch). The last layer's bias carries the 1, its zeroed weight still gets a gradient, so
+        # λ-dependence is learned from there.
         last = self.film.mlp[-1]
         with torch.no_grad():
             last.weight.zero_()
