@@ -93,8 +93,6 @@ class ConvFiLM(_FiLMAfter):
             last.bias[:conv.out_channels] = 1.0
 
 
-
-
 def _final_preact_bn(model) -> str | None:
     """OAT puts no FiLM after the last BN of a pre-activation net (WRN, PreAct-ResNet)."""
     from ..models.resnet import ResNet
