@@ -164,7 +164,8 @@ class OfaConfig:
     noise_init: float = 0.25  # FLOAT: initial per-layer noise scale α
     density_clean: float = 0.5  # SMART: kept fraction of each split layer for the clean expert (d_c)
     density_adv: float = 0.5  # SMART: ... for the adversarial expert (d_a)
-    overlap: str = "complementary"  # SMART masks: complementary (disjoint) | nested | independent
+    overlap: str = "complementary"  # SMART masks: complementary (disjoint) | nested | independent | alternating
+    # (disjoint, a fair draft; the split for score-ranked sources such as awt on a BN-free net: ofa/smart_masks.py)
     split_from: int = 0  # SMART: split conv/linear layers from this index on (0: all; the classifier is shared)
     mask_source: str = "random"  # SMART: random | magnitude | learned (scores, top-k, STE) | awt (NTT/AWT tickets)
     mix: str = "logit"  # SMART λ at inference: logit (mix the experts' softmaxes; the measured best, docs/results/
@@ -350,9 +351,12 @@ def _validate_ofa(cfg: "RunConfig") -> None:
     _range("ofa.noise_init", o.noise_init, lo=0.0)
     _range("ofa.density_clean", o.density_clean, lo=0.0, lo_open=True, hi=1.0)
     _range("ofa.density_adv", o.density_adv, lo=0.0, lo_open=True, hi=1.0)
-    _choice("ofa.overlap", o.overlap, ("complementary", "nested", "independent"))
-    if o.overlap == "complementary" and o.density_clean + o.density_adv > 1 + 1e-9:
-        raise UserError(f"ofa.overlap=complementary needs ofa.density_clean + ofa.density_adv <= 1 (disjoint masks), "
+    _choice("ofa.overlap", o.overlap, ("complementary", "nested", "independent", "alternating"))
+    if o.overlap == "alternating" and o.mask_source == "learned":
+        raise UserError("ofa.overlap=alternating cannot re-draft learned masks in every forward pass (100 rounds a "
+                        "layer); use ofa.overlap=complementary with ofa.mask_source=learned")
+    if o.overlap in ("complementary", "alternating") and o.density_clean + o.density_adv > 1 + 1e-9:
+        raise UserError(f"ofa.overlap={o.overlap} needs ofa.density_clean + ofa.density_adv <= 1 (disjoint masks), "
                         f"got {o.density_clean} + {o.density_adv}; lower a density or use overlap=independent")
     _range("ofa.split_from", o.split_from, lo=0)
     _choice("ofa.mask_source", o.mask_source, ("random", "magnitude", "learned", "awt"))

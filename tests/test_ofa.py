@@ -13,7 +13,7 @@ from robustsparse.config import load_config
 from robustsparse.models.dual_bn import DualBatchNorm2d
 from robustsparse.ofa import at_lambda, expert_mask_tensors, make_conditional, mask_iou, path_cost, smart_path
 from robustsparse.ofa.oat import BatchNormFiLM
-from robustsparse.ofa.smart_masks import _DualMask
+from robustsparse.ofa.smart_masks import DRAFT_ROUNDS, _DualMask, expert_masks
 from robustsparse.train.objectives import build_objective
 
 OPTIONS = dict(lambdas=[0.0, 0.1, 0.2, 0.3, 0.4, 1.0], encoding="rand", encoding_dim=128, noise_init=0.25,
@@ -96,7 +96,7 @@ def _path_grads(model, route, x, y):
 
 
 @pytest.mark.parametrize("overlap,d_c,d_a", [("complementary", 0.5, 0.5), ("independent", 0.6, 0.6),
-                                             ("nested", 0.3, 0.6)])
+                                             ("nested", 0.3, 0.6), ("alternating", 0.4, 0.5)])
 def test_paths_use_their_own_weights_and_bn(overlap, d_c, d_a, digits_test):
     x, y = digits_test[0][:32], digits_test[1][:32]
     model = conditional("smart", overlap=overlap, density_clean=d_c, density_adv=d_a).train()
@@ -108,12 +108,12 @@ def test_paths_use_their_own_weights_and_bn(overlap, d_c, d_a, digits_test):
         assert torch.all(g_clean[name][mc == 0] == 0) and g_clean[name][mc == 1].abs().sum() > 0
         assert torch.all(g_adv[name][ma == 0] == 0) and g_adv[name][ma == 1].abs().sum() > 0
         shared = (g_clean[name] != 0) & (g_adv[name] != 0)
-        if overlap == "complementary":
+        if overlap in ("complementary", "alternating"):
             assert not shared.any() and torch.all(mc + ma <= 1)
         if overlap == "nested":
             assert torch.all(mc <= ma)
     iou = mask_iou(model)
-    assert (iou == 0) if overlap == "complementary" else (iou > 0.2)
+    assert (iou == 0) if overlap in ("complementary", "alternating") else (iou > 0.2)
     # separate BN statistics: a clean-path forward moves only bn_clean's running mean, an adversarial one only bn_adv's
     bns = [m for m in model.modules() if isinstance(m, DualBatchNorm2d)]
     before = [(b.bn_clean.running_mean.clone(), b.bn_adv.running_mean.clone()) for b in bns]
@@ -226,9 +226,41 @@ def test_float_is_deterministic_at_inference_and_noise_depends_on_lambda(digits_
     assert path_cost(at_lambda(model, 0.0), (1, 8, 8)).extra_ops == 0 < path_cost(m1, (1, 8, 8)).extra_ops
 
 
+def test_alternating_draft_shares_every_band_of_a_common_ranking():
+    n, k = 2000, 1000
+    scores = torch.randperm(n).float()  # both experts rank the weights the same way, as AWT and NTT tickets do
+    m_clean, m_adv = expert_masks(scores, scores, k, k, "alternating")
+    assert int(m_clean.sum()) == int(m_adv.sum()) == k and not (m_clean & m_adv).any()
+    ranked = torch.sort(-scores, stable=True).indices
+    lead = (m_adv[ranked].cumsum(0) - m_clean[ranked].cumsum(0)).abs().max()
+    assert lead <= k // DRAFT_ROUNDS  # in every top-j band the adversarial expert leads by one round at most
+    c_first, a_first = expert_masks(scores, scores, k, k, "complementary")
+    assert torch.equal(a_first[ranked[:k]], torch.ones(k, dtype=torch.bool))  # complementary: all the top to M_a
+    # with fewer picks than rounds the draft alternates one by one, the adversarial expert first
+    m_clean, m_adv = expert_masks(torch.arange(10.0), torch.arange(10.0), 3, 4, "alternating")
+    assert m_adv.nonzero().flatten().tolist() == [3, 5, 7, 9] and m_clean.nonzero().flatten().tolist() == [4, 6, 8]
+    # without a conflict each expert gets its own top-k, as under the other policies
+    m_clean, m_adv = expert_masks(torch.arange(10.0), -torch.arange(10.0), 5, 5, "alternating")
+    assert m_clean.nonzero().flatten().tolist() == [5, 6, 7, 8, 9] and m_adv.nonzero().flatten().tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("overlap,ratio_above", [("complementary", 2.0), ("alternating", None)])
+def test_magnitude_masks_keep_both_experts_at_theta0_scale_only_when_drafted(overlap, ratio_above):
+    model = conditional("smart", mask_source="magnitude", overlap=overlap)
+    clean, adv = expert_mask_tensors(model)
+    for key in clean:
+        w = model.get_parameter(key).detach().abs()
+        ratio = float(w[adv[key] > 0].median() / w[clean[key] > 0].median())
+        assert ratio > ratio_above if ratio_above else 0.9 < ratio < 1.1, (key, ratio)
+
+
 def test_bad_options_are_user_errors():
     with pytest.raises(rs.UserError, match="complementary"):
         tiny_cfg("smart", "ofa.density_clean=0.7", "ofa.density_adv=0.5")
+    with pytest.raises(rs.UserError, match="alternating needs"):
+        tiny_cfg("smart", "ofa.overlap=alternating", "ofa.density_clean=0.7", "ofa.density_adv=0.5")
+    with pytest.raises(rs.UserError, match="learned"):
+        tiny_cfg("smart", "ofa.overlap=alternating", "ofa.mask_source=learned")
     with pytest.raises(rs.UserError, match="split_from"):
         conditional("smart", split_from=99)
 

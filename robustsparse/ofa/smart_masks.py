@@ -6,9 +6,15 @@ weights (at least 1 each), chosen from a score per expert (higher = keep) under 
     independent    M_c = top_{k_c}(s_c),  M_a = top_{k_a}(s_a)                     (any overlap)
     complementary  M_a = top_{k_a}(s_a),  M_c = top_{k_c}(s_c on ¬M_a)             (disjoint; d_c + d_a ≤ 1)
     nested         the denser expert's top-k first, the sparser one's top-k inside it   (M_small ⊆ M_big)
+    alternating    a draft: in each of R rounds M_a takes its ⌈k_a/R⌉ best free weights, then M_c its ⌈k_c/R⌉
+                   best free ones                                                    (disjoint; d_c + d_a ≤ 1)
 
-The adversarial expert chooses first under ``complementary`` (at equal densities it gets the better-scored weights
-for magnitude/learned scores; for random scores the order is immaterial). Scores per ``ofa.mask_source``:
+The adversarial expert chooses first under ``complementary``: at equal densities, when both scores rank the same
+weights first (magnitude; AWT and NTT tickets, which both favour large |θ₀|) it takes the large half of every
+layer and leaves the clean expert the small one, which starves it on a network without BN (measured on
+Fashion-MNIST: docs/results/fashion_mnist.md). ``alternating`` is the fair disjoint split: with equal scores each
+expert gets every other weight of the ranking, so both keep θ₀'s scale. For random scores the policies
+``complementary`` and ``alternating`` draw the same distribution. Scores per ``ofa.mask_source``:
 ``random`` (i.i.d. uniform per expert, seeded; drawn as random permutations), ``magnitude`` (|W₀| for both
 experts), ``learned`` (trainable scores, initialised to |W₀|·√(6/fan_in)/max|W₀| as HYDRA's scaled init, top-k
 in every forward with a straight-through gradient), ``awt`` (the clean expert from an NTT ticket on clean points, the adversarial expert
@@ -28,7 +34,11 @@ from torch import nn
 
 from ..sparse.mask import _top
 
-OVERLAPS = ("complementary", "nested", "independent")
+OVERLAPS = ("complementary", "nested", "independent", "alternating")
+# Rounds of the `alternating` draft. Picking one weight at a time is sequential (n Python steps a layer). With
+# 100 vectorised rounds and equal scores, each expert's share of the top j weights differs from that exact draft's
+# by at most one round's picks (1% of its budget); a round is ~4 O(n) passes, once per model.
+DRAFT_ROUNDS = 100
 SOURCES = ("random", "magnitude", "learned", "awt")
 
 
@@ -45,6 +55,8 @@ def expert_masks(s_clean: torch.Tensor, s_adv: torch.Tensor, k_clean: int, k_adv
     elif overlap == "complementary":
         ma = _top(sa, k_adv)
         mc = _top(sc.masked_fill(ma, -math.inf), min(k_clean, n - k_adv))
+    elif overlap == "alternating":
+        mc, ma = _draft(sc, sa, k_clean, min(k_adv, n - k_clean))
     elif overlap == "nested":
         if k_clean <= k_adv:
             ma = _top(sa, k_adv)
@@ -57,6 +69,45 @@ def expert_masks(s_clean: torch.Tensor, s_adv: torch.Tensor, k_clean: int, k_adv
     return mc.view(shape), ma.view(shape)
 
 
+def _draft(s_clean: torch.Tensor, s_adv: torch.Tensor, k_clean: int, k_adv: int, rounds: int = DRAFT_ROUNDS):
+    """The ``alternating`` policy on 1-D scores: disjoint boolean masks of exactly k_clean and k_adv weights
+    (k_clean + k_adv ≤ n); the adversarial expert picks first in every round; equal scores go to the lower index."""
+    taken = torch.zeros(s_clean.numel(), dtype=torch.bool, device=s_clean.device)
+    drafts = [_Drafter(s, k, rounds, taken) for s, k in ((s_adv, k_adv), (s_clean, k_clean))]
+    for _ in range(rounds):
+        for drafter in drafts:
+            drafter.pick()
+    return drafts[1].mask, drafts[0].mask
+
+
+class _Drafter:
+    """One expert's side of the draft: its ranking, and a cursor before which every weight is taken, so that a
+    round scans only a window of the ranking (the whole draft is O(n) passes, not O(rounds · n))."""
+
+    def __init__(self, scores, budget: int, rounds: int, taken):
+        self.order = torch.sort(-scores, stable=True).indices
+        self.mask, self.taken, self.left = torch.zeros_like(taken), taken, budget
+        self.per_round, self.cursor = math.ceil(budget / rounds), 0
+
+    def pick(self) -> None:
+        want = min(self.per_round, self.left)
+        if want <= 0:
+            return
+        size = 2 * want
+        while True:  # widen the window until it holds `want` free weights (there are enough: k_c + k_a <= n)
+            window = self.order[self.cursor:self.cursor + size]
+            free = ~self.taken[window]
+            if int(free.count_nonzero()) >= want or self.cursor + size >= self.order.numel():
+                break
+            size *= 2
+        chosen = free & (free.cumsum(0) <= want)
+        self.mask[window[chosen]] = True
+        self.taken[window[chosen]] = True
+        self.left -= want
+        still_free = (free & ~chosen).nonzero()
+        self.cursor += int(still_free[0]) if still_free.numel() else window.numel()
+
+
 def random_expert_masks(shape, k_clean: int, k_adv: int, overlap: str, generator: torch.Generator):
     """The ``random`` source without sorting: slices of random permutations (the same distribution as top-k of
     i.i.d. uniform scores under each overlap policy, at a fraction of the cost on large layers)."""
@@ -64,7 +115,7 @@ def random_expert_masks(shape, k_clean: int, k_adv: int, overlap: str, generator
     perm = torch.randperm(n, generator=generator)
     first = torch.zeros(n, dtype=torch.bool)
     second = torch.zeros(n, dtype=torch.bool)
-    if overlap == "complementary":  # the adversarial expert first, the clean one from the rest
+    if overlap in ("complementary", "alternating"):  # i.i.d. scores: a draft is the same disjoint split
         second[perm[:k_adv]] = True
         first[perm[k_adv:k_adv + min(k_clean, n - k_adv)]] = True
     elif overlap == "nested":  # the sparser expert is a random subset of the denser one

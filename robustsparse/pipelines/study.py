@@ -38,6 +38,9 @@ AFTER_TRAINING_METHODS = ("hydra", "lwm")
 # the once-for-all table: name -> overrides of the study's config (standard training is SMART's λ=0 reference)
 OFA_RUNS = {"standard": {"train.method": "standard"}, "smart": {"train.method": "smart"},
             "smart-awt": {"train.method": "smart", "ofa.mask_source": "awt"},
+            # complementary gives the adversarial ticket the large-|θ₀| half and, on a BN-free net, a dead clean
+            # expert; independent gives both experts the same mask (docs/results/fashion_mnist.md): the draft
+            "smart-awt-alt": {"train.method": "smart", "ofa.mask_source": "awt", "ofa.overlap": "alternating"},
             "oat": {"train.method": "oat"}, "float": {"train.method": "float"}}
 
 
