@@ -17,9 +17,9 @@ src=$1; dst=$2
   mkdir -p "$dst/$(dirname "$f")"; cp "$src/$f" "$dst/$f"
 done
 # A parked copy holds only the weights its handles name: drop those of earlier parks (a best that was replaced, the last
-# checkpoint of a run that has since finished), so the repository does not keep every intermediate state.
-find "$dst" -type d -name checkpoints -print0 | while IFS= read -r -d '' ck; do
-  run=${ck%/checkpoints}; src_run=$src/${run#"$dst"/}
+# checkpoint of a run that has since finished, an older search state), so the repository does not keep every intermediate state.
+find "$dst" -type d \( -name checkpoints -o -name search-state \) -print0 | while IFS= read -r -d '' ck; do
+  run=$(dirname "$ck"); src_run=$src/${run#"$dst"/}
   finished=$(grep -q '"finished"' "$src_run/run.json" 2>/dev/null && echo 1 || echo 0)
   keep=$(cat "$ck"/*.json 2>/dev/null | grep -o '"weights": *"[^"]*"' | sed 's/.*"\([^"]*\)"$/\1/')
   for w in "$ck"/*.safetensors; do
