@@ -253,11 +253,13 @@ def test_awt_search_killed_mid_way_resumes_to_the_same_ticket(tmp_path):
                                                timeout=300)
     ref = run(args + [str(tmp_path / "ref")])
     assert ref.returncode == 0 and "SynFlow rounds" in ref.stderr  # AWT's starting mask
+    assert "awt search" in ref.stderr  # the search's progress bar, which --no-progress turns off below
     dead = run(args + [str(tmp_path / "k")], {"ROBUSTSPARSE_KILL_AT_STEP": "5"})
     assert dead.returncode == -9, dead.stderr
     assert os.path.exists(tmp_path / "k" / "search-state" / "search.json")
-    resumed = run(["prune", "--resume", "--out", str(tmp_path / "k")])
+    resumed = run(["prune", "--resume", "--out", str(tmp_path / "k"), "--no-progress"])
     assert resumed.returncode == 0, resumed.stderr
+    assert "awt search" not in resumed.stderr
     assert "SynFlow rounds" not in resumed.stderr  # the saved mask is the start; the scorer is not run again
     (a, _), (b, _) = load_ticket(str(tmp_path / "ref")), load_ticket(str(tmp_path / "k"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -62,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--method", default=None, help="random, magnitude, snip, grasp, synflow, ntt or awt")
     prune.add_argument("--density", type=float, default=None, help="kept fraction of conv/linear weights")
     prune.add_argument("--out", required=True, help="ticket folder; must not exist yet")
+    prune.add_argument("--no-progress", action="store_true", help="no progress bar for the ntt/awt search")
 
     cmp_ = sub.add_parser("compare", help="grid: dense + methods x densities, trained alike, one table and plot")
     cmp_.add_argument("config", help="YAML file or shipped config name")
@@ -210,7 +211,7 @@ def cmd_prune(args) -> int:
     cfg = load_config(args.config, overrides) if args.config is not None else None
     if cfg is None and overrides:
         raise UserError("overrides need a CONFIG; to resume, give only --resume --out DIR")
-    ticket = prune_to_folder(cfg, args.out, resume=args.resume)
+    ticket = prune_to_folder(cfg, args.out, progress=not args.no_progress, resume=args.resume)
     cfg = load_config(os.path.join(args.out, "config.yaml"))
     print(f"ticket: {args.out} ({cfg.prune.method}, density {ticket.mask.density():.4f}, "
           f"{ticket.info['seconds']:.1f} s); train it with: robustsparse train {args.config or 'CONFIG'} "
