@@ -20,6 +20,8 @@ done
 # checkpoint of a run that has since finished, an older search state), so the repository does not keep every intermediate state.
 find "$dst" -type d \( -name checkpoints -o -name search-state \) -print0 | while IFS= read -r -d '' ck; do
   run=$(dirname "$ck"); src_run=$src/${run#"$dst"/}
+  # a finished prune deletes its search state: so does its parked copy
+  if [ "$(basename "$ck")" = search-state ] && [ ! -d "$src_run/search-state" ]; then rm -rf "$ck"; continue; fi
   finished=$(grep -q '"finished"' "$src_run/run.json" 2>/dev/null && echo 1 || echo 0)
   keep=$(cat "$ck"/*.json 2>/dev/null | grep -o '"weights": *"[^"]*"' | sed 's/.*"\([^"]*\)"$/\1/')
   for w in "$ck"/*.safetensors; do
