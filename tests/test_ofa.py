@@ -276,12 +276,34 @@ def test_sweep_writes_json_markdown_png_and_resumes(smart_run, tmp_path, monkeyp
         assert os.path.getsize(os.path.join(dest, name)) > 0
     table = open(os.path.join(dest, "sweep.md")).read()
     assert "PGD-2 L∞ eps=0.1" in table and "non-zero params" in table
-    import robustsparse.eval.evaluator as evaluator
-    monkeypatch.setattr(evaluator, "evaluate", lambda *a, **k: pytest.fail("a finished point was re-evaluated"))
+    import robustsparse.pipelines.sweep as sweep_module  # the name the sweep calls, not the evaluator's own
+    monkeypatch.setattr(sweep_module, "evaluate", lambda *a, **k: pytest.fail("a finished point was re-evaluated"))
     again = rs.sweep([out], [0, 1], suite="clean,pgd-2", out=dest, n=24, progress=False)
     assert again["points"] == json.load(open(os.path.join(dest, "sweep.json")))["points"]
+    with pytest.raises(pytest.fail.Exception, match="re-evaluated"):  # the guard above can fail: a new λ trips it
+        rs.sweep([out], [0.5], suite="clean,pgd-2", out=dest, n=24, progress=False)
     with pytest.raises(rs.UserError, match="other settings"):
         rs.sweep([out], [0], suite="clean", out=dest, n=12, progress=False)
+
+
+def test_an_interrupted_sweep_leaves_a_report_of_its_finished_points(smart_run, tmp_path, monkeypatch):
+    out, _ = smart_run
+    dest = str(tmp_path / "sweep")
+    import robustsparse.pipelines.sweep as sweep_module
+    real, calls = sweep_module.evaluate, []
+
+    def evaluate_then_stop(*a, **k):  # the machine goes away while λ = 1 is being attacked
+        calls.append(k["suite"])
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(sweep_module, "evaluate", evaluate_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        rs.sweep([out], [0, 1], suite="clean,pgd-2", out=dest, n=24, progress=False)
+    accuracy_table = open(os.path.join(dest, "sweep.md")).read().split("## Cost")[0]
+    rows = [r for r in accuracy_table.splitlines() if r.startswith("| ")]
+    assert len(rows) == 2 and "| smart | smart | 0 |" in rows[1]  # header + the λ = 0 point, both items in it
+    assert rows[1].count("%") == 2 and os.path.getsize(os.path.join(dest, "tradeoff.png")) > 0
 
 
 def test_awt_masks_are_found_at_the_first_step(digits_test, capsys):

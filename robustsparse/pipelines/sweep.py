@@ -3,7 +3,8 @@ clean-vs-robust trade-off and tabulate accuracy and cost per inference path.
 
     <out>/sweep.json     every point: run, method, λ, mix, accuracy per suite item, the attack/budget strings,
                          warnings, and the path's cost (cost.py); plus the evaluation settings
-    <out>/sweep.md       the accuracy table (column headers name attack and budget) and the cost table
+    <out>/sweep.md       the accuracy table (column headers name attack and budget) and the cost table,
+                         rewritten (with tradeoff.png) after every new point, so an unfinished sweep shows its progress
     <out>/tradeoff.png   clean accuracy (x) vs robust accuracy (y), one panel per attack; a line per
                          once-for-all run through its λ points, one marker per plain (dense PGD-AT/TRADES) run
     <out>/state/         the evaluator's resumable state per point and attack (AutoAttack resumes mid-cascade)
@@ -118,9 +119,10 @@ def _open_sweep(path: str, settings: dict) -> dict:
     return data
 
 
-def _evaluate_run_at(info: dict, label: str, lam, run_mix, ctx: dict) -> None:
+def _evaluate_run_at(info: dict, label: str, lam, run_mix, ctx: dict) -> bool:
     """Fill in (or finish) the sweep point of one run at one λ: its cost and every suite item not yet done,
-    sweep.json rewritten after each item (an interrupted sweep loses at most one)."""
+    sweep.json rewritten after each item (an interrupted sweep loses at most one). True when anything was
+    evaluated."""
     data, points, out, path = ctx["data"], ctx["points"], ctx["out"], ctx["path"]
     spec = info["meta"]["model_spec"]
     key = (info["path"], lam, run_mix)
@@ -133,7 +135,7 @@ def _evaluate_run_at(info: dict, label: str, lam, run_mix, ctx: dict) -> None:
     point["label"] = label
     todo = [i for i in ctx["items"] if i not in point["accuracy"]]
     if not todo and "cost" in point:
-        return
+        return False
     model = load(info["path"], which=ctx["which"], device=ctx["device"], lam=lam,
                  mix=run_mix if info["method"] == "smart" else None)
     point["cost"] = path_cost(model, (spec["in_channels"], *spec["input_size"]), ctx["conditional"]).to_dict()
@@ -151,6 +153,7 @@ def _evaluate_run_at(info: dict, label: str, lam, run_mix, ctx: dict) -> None:
         point["warnings"] = sorted(set(point["warnings"]) | set(res.warnings))
         _save(path, data)
     _save(path, data)
+    return True
 
 
 def sweep(runs: list[str], lams: list[float] | str = "0:1:0.1", suite: str = "clean,pgd-20", out: str | None = None,
@@ -188,7 +191,8 @@ def sweep(runs: list[str], lams: list[float] | str = "0:1:0.1", suite: str = "cl
         ctx["conditional"] = build_from_spec(spec) if info["conditional"] else None
         run_mix = (mix or spec["ofa"]["options"]["mix"]) if info["method"] == "smart" else None
         for lam in (lams if info["conditional"] else [None]):
-            _evaluate_run_at(info, label, lam, run_mix, ctx)
+            if _evaluate_run_at(info, label, lam, run_mix, ctx):
+                write_outputs(out, data)  # a long sweep's table and plot are current after every point
     write_outputs(out, data)
     return data
 
